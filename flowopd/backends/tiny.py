@@ -1,0 +1,170 @@
+"""The tiny backend: TinyUNet + prompt tokenizer behind the Backend interface,
+with named LoRA adapters through peft so teachers and students share one base.
+
+A checkpoint is a directory: ``config.json`` (backend, model config, sampling
+defaults, provenance) and ``model.safetensors`` (full weights), plus
+``adapters/<name>.safetensors`` for named adapters on top of the base.
+``base`` names the base model shipped inside the package.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..world.render import to_uint8
+from .tiny_model import TinyConfig, TinyUNet, Tokenizer
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or from another model."""
+
+
+def shipped_base_dir() -> Path:
+    return Path(str(resources.files("flowopd").joinpath("checkpoints/base")))
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    if str(name) == "base":
+        return shipped_base_dir()
+    p = Path(name)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} (use 'base' for the shipped base model)")
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise CheckpointError(f"{p} is not a flowopd checkpoint (needs config.json and model.safetensors)")
+    return p
+
+
+class TinyBackend:
+    name = "tiny"
+
+    def __init__(self, model: TinyUNet, device: str | torch.device = "cpu", sampling: dict | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.tokenizer = Tokenizer()
+        self.sampling = dict(sampling or {})
+        self.adapters: list[str] = []
+        self._peft = None
+
+    # ---- the Backend interface ------------------------------------------------
+    def encode_prompts(self, prompts):
+        ids, slots = self.tokenizer.batch(list(prompts), device=self.device)
+        return self.net.encode(ids, slots)
+
+    def velocity(self, x, sigma, cond):
+        if not torch.is_tensor(sigma) or sigma.ndim == 0:
+            sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
+        return self.net(x, sigma, cond)
+
+    def decode(self, x) -> np.ndarray:
+        return to_uint8(x)
+
+    def latent_shape(self):
+        return (3, 32, 32)
+
+    def trainable_parameters(self):
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    # ---- adapters (peft LoRA) ---------------------------------------------------
+    @property
+    def net(self):
+        return self._peft if self._peft is not None else self.model
+
+    def add_adapter(self, name: str, rank: int = 8, alpha: float | None = None, targets=None, init: bool = True):
+        """Add a named LoRA adapter over the frozen base and make it active."""
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
+
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets or LORA_TARGETS,
+                         init_lora_weights=init, lora_dropout=0.0)
+        if self._peft is None:
+            from peft import get_peft_model
+
+            self._peft = get_peft_model(self.model, cfg, adapter_name=name)
+        else:
+            self._peft.add_adapter(name, cfg)
+        self.adapters.append(name)
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str):
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; have {self.adapters}")
+        self._peft.set_adapter(name)
+
+    @contextmanager
+    def adapter(self, name: str | None):
+        """Run a block with adapter `name` active (None: the base, adapters off)."""
+        if self._peft is None:
+            if name is not None:
+                raise KeyError(f"no adapter {name!r}")
+            yield
+            return
+        prev = self._peft.active_adapter
+        if name is None:
+            with self._peft.disable_adapter():
+                yield
+        else:
+            self.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.set_adapter(prev)
+
+    # ---- save / load -----------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"backend": "tiny", "model": self.model.cfg.to_dict(), "sampling": self.sampling}
+
+
+def save_checkpoint(backend: TinyBackend, out: str | Path, meta: dict | None = None, state_dict=None) -> Path:
+    """Write config.json + model.safetensors (the base weights, or state_dict if given)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else backend.model.state_dict()
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(sd, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    cfg = backend.config_dict()
+    cfg["meta"] = meta or {}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def load_checkpoint(name: str | Path, device: str = "cpu") -> TinyBackend:
+    path = resolve_checkpoint(name)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+    if cfg.get("backend") != "tiny":
+        raise CheckpointError(f"{path}: backend {cfg.get('backend')!r} is not the tiny backend")
+    try:
+        model = TinyUNet(TinyConfig.from_dict(cfg.get("model", {})))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config: {e}") from None
+    try:
+        sd = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types on truncated files
+        raise CheckpointError(f"{path}/model.safetensors is unreadable or truncated: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(f"{path}: weights missing for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)}")
+    model.load_state_dict({k: sd[k] for k in own})
+    model.eval()
+    return TinyBackend(model, device, cfg.get("sampling"))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,1 @@
+"""Training loops: pretrain (the base), grpo (teachers, GRPO-Mix), coldstart, opd."""

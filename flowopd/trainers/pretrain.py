@@ -1,0 +1,176 @@
+"""Pretrain the tiny base model on the toy world with the flow-matching loss.
+
+The loop, top to bottom:
+  0. build a cache of renders of training prompts (the world's "web data")
+  1. draw a batch, drop prompts with probability p_uncond (for CFG)
+  2. draw sigma from a logit-normal, interpolate x = (1-sigma) x0 + sigma noise
+  3. regress the velocity noise - x0 (MSE), AdamW step, EMA update
+  4. log; save the EMA weights at the requested steps and at the end
+
+The shipped base (flowopd/checkpoints/base) was made by this loop with
+configs/toy_pretrain.yaml; its config.json records the recipe and the cost.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..backends.tiny import TinyBackend, autocast, save_checkpoint
+from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
+from ..config import require
+from ..flow import interpolate, velocity_target
+from ..losses import flow_matching_loss, logit_normal_sigmas
+from ..world.prompts import CATEGORIES, sample_prompt
+from ..world.render import render, to_model_space
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+    text_fraction: float = 0.4  # share of sign prompts; the rest are compose-style
+    dataset_size: int = 200000
+    render_workers: int = 1
+    sigma_mean: float = 0.0
+    sigma_std: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    channels: list[int] = field(default_factory=lambda: [32, 64, 96])
+    save_at: list[int] = field(default_factory=list)
+    max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
+    log_every: int = 100
+    eval_steps: int = 40  # sampling defaults written into the checkpoint
+    eval_cfg: float = 3.0
+    shift: float = 1.0
+
+    def validate(self):
+        require(self.steps >= 1, "steps must be >= 1")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.lr > 0, "lr must be > 0")
+        require(0 <= self.p_uncond < 1, "p_uncond must be in [0, 1)")
+        require(0 <= self.text_fraction <= 1, "text_fraction must be in [0, 1]")
+        require(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
+        require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
+
+
+def _render_chunk(args):
+    seed, n, text_fraction = args
+    rng = random.Random(seed)
+    prompts, images = [], []
+    for _ in range(n):
+        if rng.random() < text_fraction:
+            p = sample_prompt(rng, "text", "train")
+        else:
+            p = sample_prompt(rng, "compose", "train", rng.choice(CATEGORIES))
+        prompts.append(p.text)
+        images.append(render(p.spec, rng))
+    return prompts, np.stack(images)
+
+
+def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1):
+    """n (prompt, render) pairs of training prompts -> (prompts, uint8 (n,32,32,3))."""
+    chunk = 5000
+    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), text_fraction) for i in range(math.ceil(n / chunk))]
+    if workers > 1:
+        with get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in tqdm(jobs, desc="rendering", leave=False)]
+    prompts = [p for ps, _ in parts for p in ps]
+    return prompts, np.concatenate([im for _, im in parts])
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    t0 = time.time()
+
+    # 0. data
+    prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers)
+    tok = Tokenizer()
+    ids, slots = tok.batch(prompts)
+    null_ids, null_slots = tok.batch([None])
+    x_all = torch.from_numpy(to_model_space(images)).to(device)
+    ids, slots = ids.to(device), slots.to(device)
+    null_ids, null_slots = null_ids.to(device), null_slots.to(device)
+    render_s = time.time() - t0
+
+    model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    backend = TinyBackend(ema, device, {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift})
+    log = open(out / "train_log.jsonl", "a")
+
+    def save(step: int, name: str):
+        meta = {"step": step, "seed": cfg.seed, "recipe": {k: v for k, v in vars(cfg).items()},
+                "minutes": round((time.time() - t0) / 60, 2), "device": str(device),
+                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        save_checkpoint(backend, out / name, meta)
+
+    save_at = set(cfg.save_at)
+    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", mininterval=2)
+    loss_avg, step = None, 0
+    for step in bar:
+        # 1. batch, prompt dropout
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), device=device, generator=gen)
+        x0 = x_all[idx]
+        b_ids, b_slots = ids[idx], slots[idx]
+        drop = torch.rand(cfg.batch_size, device=device, generator=gen) < cfg.p_uncond
+        b_ids = torch.where(drop[:, None], null_ids.expand_as(b_ids), b_ids)
+        b_slots = torch.where(drop[:, None], null_slots.expand_as(b_slots), b_slots)
+        # 2. noise level and interpolation
+        sigma = logit_normal_sigmas(cfg.batch_size, cfg.sigma_mean, cfg.sigma_std, generator=gen, device=device)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        x = interpolate(x0, noise, sigma)
+        # 3. velocity regression
+        with autocast(device):
+            v = model(x, sigma, model.encode(b_ids, b_slots))
+        loss = flow_matching_loss(v.float(), x0, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema_decay)
+        # 4. log, save
+        lv = loss.item() if step % 10 == 0 or step == 1 else None
+        if lv is not None:
+            loss_avg = lv if loss_avg is None else 0.9 * loss_avg + 0.1 * lv
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step % cfg.log_every == 0:
+            log.write(json.dumps({"step": step, "loss": loss_avg, "min": round((time.time() - t0) / 60, 2)}) + "\n")
+            log.flush()
+        if step in save_at:
+            save(step, f"step_{step:06d}")
+        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            bar.write(f"time limit reached at step {step}")
+            break
+    save(step, "final")
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
+                                                   "render_seconds": round(render_s, 1), "loss": loss_avg}))
+    return out / "final"
