@@ -6,6 +6,8 @@ against the field's type. ``ConfigError`` carries a message meant for users
 """
 from __future__ import annotations
 
+from flowopd.errors import UserError
+
 import dataclasses
 import difflib
 import types
@@ -15,7 +17,7 @@ from pathlib import Path
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad user input in a config: the message names what is wrong."""
 
 

@@ -8,6 +8,8 @@ defaults, provenance) and ``model.safetensors`` (full weights), plus
 """
 from __future__ import annotations
 
+from flowopd.errors import UserError
+
 import json
 from contextlib import contextmanager, nullcontext
 from importlib import resources
@@ -23,7 +25,7 @@ from .tiny_model import TinyConfig, TinyUNet, Tokenizer
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, truncated or from another model."""
 
 

@@ -12,6 +12,8 @@ are test-only too; test text strings are never drawn for training.
 """
 from __future__ import annotations
 
+from flowopd.errors import UserError
+
 import random
 import re
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ TEST_SEED = 1234
 TEST_SIZES = {"compose_per_category": 32, "text": 64, "quality": 64}
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that is not a sentence of the toy world's grammar."""
 
 

@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flowopd.backends import CheckpointError, load_checkpoint
+from flowopd.backends.tiny_model import MAX_TOKENS, Tokenizer
+from flowopd.sampling import sample_images
+
+
+def test_tokenizer_reads_any_string():
+    tok = Tokenizer()
+    for s in ["a red square", 'a sign that says "K7"', "", "ünïcødé ✓", 'unclosed "quote', "x" * 1000, None]:
+        ids, slots = tok.encode(s)
+        assert len(ids) == len(slots) == MAX_TOKENS
+        assert all(0 <= i < Tokenizer.size for i in ids)
+        assert all(0 <= s_ < Tokenizer.n_slots for s_ in slots)
+
+
+def test_tokenizer_quoted_chars_carry_centre_slots():
+    tok = Tokenizer()
+    ids2, slots2 = tok.encode('a sign that says "AB"')
+    ids3, slots3 = tok.encode('a sign that says "ABC"')
+    # the two characters of "AB" sit symmetrically around the centre, "B" of "ABC" at it
+    a2, b2 = slots2[5], slots2[6]
+    assert b2 - a2 == 2 and slots3[6] == (a2 + b2) // 2
+    assert ids2[5] == ids3[5] and ids2[6] == ids3[6]  # same character ids
+    assert tok.encode('a sign that says "K"')[0] != tok.encode('a sign that says "7"')[0]
+
+
+def test_velocity_shape_and_grad(tiny_backend):
+    cond = tiny_backend.encode_prompts(["a red square", None])
+    x = torch.randn(2, 3, 32, 32)
+    v = tiny_backend.velocity(x, torch.tensor([0.5, 0.9]), cond)
+    assert v.shape == x.shape
+    v.pow(2).mean().backward()
+    assert all(p.grad is not None for p in tiny_backend.trainable_parameters())
+
+
+def test_checkpoint_round_trip(tiny_backend, tiny_ckpt):
+    loaded = load_checkpoint(tiny_ckpt)
+    for (k, a), (k2, b) in zip(tiny_backend.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    prompts = ["a blue circle", 'a sign that says "7"']
+    assert np.array_equal(sample_images(tiny_backend, prompts, progress=False),
+                          sample_images(loaded, prompts, progress=False))
+
+
+def test_sampling_independent_of_batch_size(tiny_backend):
+    prompts = ["a blue circle", "two squares", "a red square", 'a sign that says "AB"']
+    a = sample_images(tiny_backend, prompts, seed=3, batch_size=4, progress=False)
+    b = sample_images(tiny_backend, prompts, seed=3, batch_size=1, progress=False)
+    c = sample_images(tiny_backend, prompts, seed=4, batch_size=4, progress=False)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may differ by 1 ulp
+    assert not np.array_equal(a, c)
+
+
+def test_truncated_and_mismatched_checkpoints_are_refused(tiny_ckpt, tmp_path):
+    w = tiny_ckpt / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|unreadable"):
+        load_checkpoint(tiny_ckpt)
+    w.write_bytes(data)
+    sd = load_file(str(w))
+    key = next(k for k in sd if k.endswith("conv_in.weight"))
+    sd[key] = torch.zeros(3, 3, 3, 3)
+    save_file(sd, str(w))
+    with pytest.raises(CheckpointError, match="shape mismatch.*conv_in"):
+        load_checkpoint(tiny_ckpt)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg["backend"] = "sd3"
+    (tiny_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not the tiny backend"):
+        load_checkpoint(tiny_ckpt)
+
+
+def test_named_adapters_share_one_base(tiny_backend):
+    cond = tiny_backend.encode_prompts(["a red square"])
+    x, s = torch.randn(1, 3, 32, 32), torch.tensor([0.5])
+    with torch.no_grad():
+        v_base = tiny_backend.velocity(x, s, cond)
+    tiny_backend.add_adapter("teacher_a", rank=2)
+    tiny_backend.add_adapter("teacher_b", rank=2)
+    # fresh LoRA (B = 0) leaves the function unchanged
+    with torch.no_grad():
+        assert torch.allclose(tiny_backend.velocity(x, s, tiny_backend.encode_prompts(["a red square"])), v_base, atol=1e-6)
+        for name, p in tiny_backend.net.named_parameters():
+            if "lora_B" in name and "teacher_a" in name:
+                p.add_(0.1)
+    trainable = {n for n, p in tiny_backend.net.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        with tiny_backend.adapter("teacher_a"):
+            v_a = tiny_backend.velocity(x, s, tiny_backend.encode_prompts(["a red square"]))
+        with tiny_backend.adapter("teacher_b"):
+            v_b = tiny_backend.velocity(x, s, tiny_backend.encode_prompts(["a red square"]))
+        with tiny_backend.adapter(None):
+            v_0 = tiny_backend.velocity(x, s, tiny_backend.encode_prompts(["a red square"]))
+    assert not torch.allclose(v_a, v_base, atol=1e-4)
+    assert torch.allclose(v_b, v_base, atol=1e-6) and torch.allclose(v_0, v_base, atol=1e-6)

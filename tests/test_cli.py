@@ -1,0 +1,134 @@
+"""The flowopd command as a user runs it: real subprocesses, exit codes, files written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowopd.world.render import render
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flowopd", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for c in ("sample", "eval", "score", "pretrain"):
+        assert c in r.stdout
+
+
+def test_sample_writes_pngs_and_manifest(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a red square\n\na sign that says "K7"\nsomething else entirely\n')
+    out = tmp_path / "out"
+    r = run("sample", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--steps", "3", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == ["a red square", 'a sign that says "K7"', "something else entirely"]
+    assert [x["task"] for x in lines] == ["compose", "text", None]
+    for x in lines:
+        im = Image.open(out / x["file"])
+        assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_sample_jsonl_keeps_given_task(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a blue circle", "task": "quality"}) + "\n" + json.dumps({"prompt": "two squares"}) + "\n")
+    out = tmp_path / "out"
+    r = run("sample", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    tasks = [json.loads(x)["task"] for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert tasks == ["quality", "compose"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "not found"),
+    ("", "no prompts"),
+    ("\n\n", "no prompts"),
+    (b"\x00\x01binary", "binary"),
+    ('{"prompt": "a red square"}\n{"prompt": oops}\n', "line 2"),
+    ('{"prompt": "a red square", "task": "painting"}\n', "unknown task"),
+    ("a red square\n" + "x" * 600 + "\n", "line 2"),
+])
+def test_sample_bad_prompt_files(tmp_path, tiny_ckpt, content, needle):
+    prompts = tmp_path / "p.txt"
+    if isinstance(content, bytes):
+        prompts.write_bytes(content)
+    elif content is not None:
+        prompts.write_text(content)
+    out = tmp_path / "out"
+    r = run("sample", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--steps", "2")
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_checkpoint_is_exit_2(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    r = run("sample", "--checkpoint", str(tmp_path / "missing"), "--prompts", str(prompts), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _write_manifest(folder, items):
+    folder.mkdir()
+    lines = []
+    for i, (prompt, task, img) in enumerate(items):
+        Image.fromarray(img).save(folder / f"{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "task": task, "file": f"{i}.png"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_score_renders_is_perfect(tmp_path):
+    items = [("a red square and a blue circle", "compose", render("a red square and a blue circle", 0)),
+             ("three triangles", "compose", render("three triangles", 1)),
+             ('a sign that says "AB"', "text", render('a sign that says "AB"', 0)),
+             ("a green circle", "quality", render("a green circle", 2))]
+    _write_manifest(tmp_path / "d", items)
+    r = run("score", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["n"] == 4 and s["compose"] == 1.0 and s["color_attr"] == 1.0 and s["counting"] == 1.0
+    assert s["text"] == 1.0 and s["quality"] > 0.9
+    assert s["position"] is None
+
+
+def test_score_blank_images_low(tmp_path):
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    _write_manifest(tmp_path / "d", [("a red square", "compose", blank), ('a sign that says "AB"', "text", blank)])
+    s = json.loads(run("score", str(tmp_path / "d")).stdout)
+    assert s["compose"] == 0.0 and s["text"] == 0.0
+
+
+def test_score_prompt_outside_grammar_is_exit_2(tmp_path):
+    _write_manifest(tmp_path / "d", [("a red square", None, render("a red square", 0)),
+                                     ("a photo of a cat", None, render("a red square", 0))])
+    r = run("score", str(tmp_path / "d"))
+    assert r.returncode == 2 and "line 2" in r.stderr and "grammar" in r.stderr
+
+
+def test_pretrain_unknown_key_suggests_name(tmp_path):
+    r = run("pretrain", "--out", str(tmp_path / "o"), "--stpes=3")
+    assert r.returncode == 2 and "did you mean 'steps'" in r.stderr
+    r = run("pretrain", "--out", str(tmp_path / "o"), "--lr=-1")
+    assert r.returncode == 2 and "lr" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretrain_tiny_run_writes_loadable_checkpoint(tmp_path):
+    out = tmp_path / "pt"
+    r = run("pretrain", "--out", str(out), "--steps=3", "--batch_size=4", "--dataset_size=8", "--channels=[8,8,8]",
+            "--save_at=[2]", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    from flowopd.backends import load_checkpoint
+
+    b = load_checkpoint(out / "final")
+    assert json.loads((out / "final" / "config.json").read_text())["meta"]["step"] == 3
+    assert (out / "step_000002" / "model.safetensors").is_file()
+    assert b.model.cfg.channels == (8, 8, 8)

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from flowopd.flow import step_kl
+from flowopd.losses import (flow_matching_loss, group_advantages, grpo_loss, logit_normal_sigmas, mar_loss,
+                            opd_direct_loss, opd_pg_advantages)
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+
+def test_flow_matching_loss_zero_for_exact_velocity():
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    assert flow_matching_loss(noise - x0, x0, noise) == 0
+    assert torch.allclose(flow_matching_loss(noise - x0 + 2.0, x0, noise), torch.tensor(4.0))
+    assert torch.allclose(flow_matching_loss(x0 - noise, x0, noise), (4 * (noise - x0) ** 2).mean())
+
+
+def test_logit_normal_sigmas():
+    s = logit_normal_sigmas(100_000, mean=0.5, std=1.0, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (100_000,) and (s > 0).all() and (s < 1).all()
+    assert abs(s.median().item() - 1 / (1 + math.exp(-0.5))) < 0.01  # median = sigmoid(mean)
+    a = logit_normal_sigmas(8, generator=torch.Generator().manual_seed(1))
+    b = logit_normal_sigmas(8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+@pytest.mark.parametrize("scope", ["batch", "group"])
+def test_group_advantages_zero_for_equal_rewards(scope):
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.1, 0.9, 0.8])
+    adv = group_advantages(rewards, torch.tensor([3, 3, 3, 8, 8, 8]), std_scope=scope)
+    assert torch.equal(adv[:3], torch.zeros(3))
+    assert (adv[3:] != 0).all()
+
+
+def test_group_advantages_hand_example():
+    rewards, groups = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 1])
+    # group means 1.5, 3.5; batch std (ddof=0) of 1..4 = sqrt(1.25); group std = 0.5
+    sign = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    batch = group_advantages(rewards, groups, std_scope="batch")
+    assert torch.allclose(batch, sign * 0.5 / (math.sqrt(1.25) + 1e-4))
+    group = group_advantages(rewards, groups, std_scope="group")
+    assert torch.allclose(group, sign * 0.5 / (0.5 + 1e-4))
+    assert torch.allclose(group_advantages(rewards, groups, std_scope="group", clip=0.5), sign * 0.5)
+    # groups named by prompt strings, interleaved
+    named = group_advantages(torch.tensor([1.0, 3.0, 2.0, 4.0]), ["a", "b", "a", "b"], std_scope="group")
+    assert torch.allclose(named, torch.tensor([-1.0, -1.0, 1.0, 1.0]) * 0.5 / (0.5 + 1e-4))
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_first_update_ratio_is_one_and_clipping_inactive():
+    log_prob = torch.randn(6, 4).requires_grad_()
+    old = log_prob.detach().clone()
+    adv = torch.randn(6)
+    loss, stats = grpo_loss(log_prob, old, adv, clip_range=1e-4)
+    assert stats["ratio_min"] == 1 and stats["ratio_max"] == 1 and stats["clip_frac"] == 0
+    assert torch.allclose(loss, -adv.mean())
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    log_prob2 = log_prob.detach().clone().requires_grad_()
+    unclipped, _ = grpo_loss(log_prob2, old, adv, clip_range=1e9)
+    (grad_unclipped,) = torch.autograd.grad(unclipped, log_prob2)
+    assert torch.equal(loss, unclipped)
+    assert torch.allclose(grad, grad_unclipped)
+    assert torch.allclose(grad, -adv.view(6, 1).expand(6, 4) / 24)  # (B,) advantages broadcast over steps
+
+
+def test_grpo_clip_fraction_and_pessimistic_clipping():
+    ratios = torch.tensor([1.0, 1.1, 0.9, 1.01, 2.0, 2.0])
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1.0])
+    log_prob = ratios.log().requires_grad_()
+    loss, stats = grpo_loss(log_prob, torch.zeros(6), adv, clip_range=0.05)
+    assert torch.allclose(stats["clip_frac"], torch.tensor(4 / 6))  # 1.1, 0.9, 2.0, 2.0
+    assert torch.allclose(stats["ratio_max"], torch.tensor(2.0)) and torch.allclose(stats["ratio_min"], torch.tensor(0.9))
+    # per-sample terms: A>0 is capped at (1+e)A when ratio is high, A<0 keeps the full -A*ratio
+    terms = torch.tensor([-1.0, -1.05, -0.9, -1.01, -1.05, 2.0])
+    assert torch.allclose(loss, terms.mean())
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    assert grad[1] == 0 and grad[4] == 0  # clipped: no gradient
+    assert torch.allclose(grad[5], torch.tensor(2.0 / 6))  # unclipped, pessimistic side
+
+
+# ----------------------------------------------------------------------------- OPD / MAR
+
+
+@pytest.mark.parametrize("normalization", ["exact", "flow_grpo"])
+def test_opd_direct_loss_zero_when_student_is_teacher(normalization):
+    mean = torch.randn(3, 2, 4, 4)
+    student = mean.clone().requires_grad_()
+    teacher = mean.clone().requires_grad_()
+    loss = opd_direct_loss(student, teacher, 0.3, dt=-0.1, normalization=normalization)
+    loss.backward()
+    assert loss == 0
+    assert torch.equal(student.grad, torch.zeros_like(mean))
+    assert teacher.grad is None  # the teacher is detached
+
+
+@pytest.mark.parametrize("normalization", ["exact", "flow_grpo"])
+def test_opd_direct_loss_gradient_matches_finite_differences(normalization):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+    step_std = torch.tensor([0.3, 0.6], dtype=torch.float64).view(2, 1, 1)
+    dt = torch.tensor([-0.1, -0.25], dtype=torch.float64)
+    fn = lambda s: opd_direct_loss(s, teacher, step_std, dt=dt, normalization=normalization)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (student,))
+    (grad,) = torch.autograd.grad(fn(student), student)
+    scale = 1.0 if normalization == "exact" else -dt.view(2, 1, 1)
+    expected = scale * (student - teacher) / step_std**2 / student[0].numel() / 2  # mean over dims, batch
+    assert torch.allclose(grad, expected)
+
+
+def test_opd_pg_advantages_are_detached_negative_kl():
+    kl = torch.rand(4, 3).requires_grad_()
+    adv = opd_pg_advantages(kl * 2)
+    assert not adv.requires_grad
+    assert torch.equal(adv, -(kl * 2).detach())
+
+
+def test_mar_loss_is_beta_times_kl():
+    s, a = torch.randn(3, 8), torch.randn(3, 8)
+    std = torch.tensor([0.2, 0.4, 0.6])
+    assert torch.allclose(mar_loss(s, a, std, 0.25), 0.25 * step_kl(s, a, std).mean())
+    assert torch.allclose(mar_loss(s, a, std, 0.25, dt=-0.2, normalization="flow_grpo"),
+                          0.25 * 0.2 * step_kl(s, a, std).mean())
+    assert mar_loss(s, a, std, 0.0) == 0
