@@ -94,6 +94,27 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_grpo(args) -> int:
+    from .trainers.grpo import main_grpo
+
+    final = main_grpo(args.config, args.out, args.overrides)
+    print(f"final checkpoint: {final}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import main_run
+
+    res = main_run(args.preset, args.out, args.config, args.overrides)
+    from .report import HEADER, table_rows
+
+    rows = table_rows(res)
+    print(" | ".join(HEADER[:6]))
+    for r in rows:
+        print(" | ".join(r[:6]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowopd", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory for checkpoints and logs")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=1000")
     sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("grpo", help="Flow-GRPO: train a teacher (one reward) or GRPO-Mix (all rewards)",
+                        description="Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs "
+                                    "(train_log.jsonl, tensorboard) and the resolved config go to --out; "
+                                    "OUT/final is the trained model. Examples: configs/toy_grpo_compose.yaml, "
+                                    "toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml.")
+    sp.add_argument("--config", default=None, help="YAML config")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --steps=10")
+    sp.set_defaults(func=cmd_grpo)
+
+    sp = sub.add_parser("run", help="the whole toy pipeline: teachers, GRPO-Mix, cold starts, OPD, eval, report",
+                        description="Run every stage in order, each cached in --out: a second run skips what is "
+                                    "done and a stopped run resumes at the stage it was in. Writes results.json, "
+                                    "report.md, report.html and checkpoints/<model>/.")
+    sp.add_argument("--preset", default="full", help="quick (smoke run, minutes) or full (the real result; default)")
+    sp.add_argument("--out", default="runs/pipeline", help="output directory (default runs/pipeline)")
+    sp.add_argument("--config", default=None, help="YAML with extra per-stage overrides (see flowopd.pipeline.RunConfig)")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_run)
     return p
 
 

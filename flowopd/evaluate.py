@@ -12,14 +12,29 @@ from .world.prompts import get_split
 TASK_KEYS = ("compose", "text", "quality")
 
 
+def subset(prompts: list, per_group: int | None) -> list:
+    """The first `per_group` prompts of each (task, category) group, in split order."""
+    if not per_group:
+        return list(prompts)
+    seen: dict = {}
+    keep = []
+    for p in prompts:
+        key = (p.task, p.category)
+        if seen.get(key, 0) < per_group:
+            keep.append(p)
+            seen[key] = seen.get(key, 0) + 1
+    return keep
+
+
 def evaluate(backend, split: str = "test", steps: int | None = None, cfg: float | None = None,
-             seed: int = 0, progress: bool = True) -> tuple[dict, np.ndarray, list]:
+             seed: int = 0, progress: bool = True, per_group: int | None = None) -> tuple[dict, np.ndarray, list]:
     """-> (metrics, images uint8 (N,32,32,3), prompts). metrics holds compose (+ per category),
-    text, quality, fidelity (FD, lower is better), average (mean of the three task scores), n."""
+    text, quality, fidelity (FD, lower is better), average (mean of the three task scores), n.
+    per_group limits the split to its first prompts of each (task, category) (smoke runs)."""
     from .world.fidelity import fidelity
     from .world.scoring import score_images
 
-    prompts = get_split(split)
+    prompts = subset(get_split(split), per_group)
     t0 = time.time()
     images = sample_images(backend, [p.text for p in prompts], steps=steps, cfg=cfg, seed=seed, progress=progress)
     metrics = score_images(images, prompts)

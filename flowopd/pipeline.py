@@ -1,0 +1,284 @@
+"""`flowopd run`: the whole toy-world pipeline, stage by stage, cached and resumable.
+
+base -> three GRPO teachers -> GRPO-Mix -> cold starts (merge, sft) -> OPD
+(merge init, sft init, merge init without MAR) -> evaluation -> report.
+
+Every stage writes into OUT/work/<stage>/ and, only when it is complete,
+OUT/stages/<stage>.json (its wall-clock seconds and outputs). A second run skips
+stages with a marker; a run stopped anywhere (Ctrl-C, kill -9) redoes only the
+stage that was in flight. Final models are copied to OUT/checkpoints/<model>/.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, load, require
+from .errors import UserError
+from .report import MODELS
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Per-preset overrides of each stage's config (key=value, as on the command line).
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4"],
+        "coldstart_sft": ["samples_per_prompt=2", "prompts_per_task=4", "steps=4"],
+        "distill": ["steps=2", "prompts_per_step=3", "group_size=2", "sample_steps=4"],
+        "eval": {"per_group": 2, "steps": 8},
+    },
+    "full": {"grpo": [], "coldstart_sft": [], "distill": [], "eval": {"per_group": None, "steps": None}},
+}
+
+
+@dataclass
+class RunConfig:
+    """Optional --config for `flowopd run`: extra overrides on top of the preset."""
+
+    grpo: list[str] = field(default_factory=list)
+    grpo_compose: list[str] = field(default_factory=list)
+    grpo_text: list[str] = field(default_factory=list)
+    grpo_quality: list[str] = field(default_factory=list)
+    grpo_mix: list[str] = field(default_factory=list)
+    coldstart_sft: list[str] = field(default_factory=list)
+    distill: list[str] = field(default_factory=list)
+    eval_steps: int = 0  # 0: the preset's (the checkpoint's default sampler for 'full')
+    eval_per_group: int = 0  # 0: the preset's (the whole test split for 'full')
+    grid_seed: int = 0
+
+    def validate(self):
+        require(self.eval_steps >= 0, "eval_steps must be >= 0")
+        require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
+
+
+def _fmt(s: float) -> str:
+    s = int(s)
+    return f"{s // 60:d}:{s % 60:02d}"
+
+
+class Pipeline:
+    def __init__(self, out: Path, preset: str, rc: RunConfig):
+        self.out, self.preset, self.rc = Path(out), preset, rc
+        self.p = PRESETS[preset]
+        self.stages_dir = self.out / "stages"
+        self.t0 = time.time()
+
+    # ---- bookkeeping ---------------------------------------------------------
+    def marker(self, name: str) -> Path:
+        return self.stages_dir / f"{name}.json"
+
+    def done(self, name: str) -> dict | None:
+        m = self.marker(name)
+        if m.is_file():
+            try:
+                return json.loads(m.read_text())
+            except json.JSONDecodeError:
+                return None
+        return None
+
+    def finish(self, name: str, seconds: float, **info) -> None:
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.marker(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": round(seconds, 1), **info}))
+        os.replace(tmp, self.marker(name))
+
+    def work(self, name: str) -> Path:
+        """A fresh work folder for a stage (a half-done one from a killed run is cleared)."""
+        w = self.out / "work" / name
+        if w.exists():
+            shutil.rmtree(w)
+        w.mkdir(parents=True)
+        return w
+
+    def publish(self, model: str, ckpt: Path) -> Path:
+        """Copy a finished checkpoint to OUT/checkpoints/<model> atomically."""
+        dst = self.out / "checkpoints" / model
+        tmp = dst.with_name(f".{model}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(ckpt, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+        return dst
+
+    def ckpt(self, model: str) -> Path:
+        return self.out / "checkpoints" / model
+
+    # ---- stages ----------------------------------------------------------------
+    def stage_list(self):
+        st = [("base", self.s_base)]
+        for task in ("compose", "text", "quality"):
+            st.append((f"teacher-{task}", lambda t=task: self.s_grpo(f"teacher-{t}", f"toy_grpo_{t}.yaml", f"grpo_{t}")))
+        st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", "grpo_mix")))
+        st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
+        st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))
+        st.append(("opd-merge", lambda: self.s_opd("opd-merge", "toy_opd_merge.yaml", [])))
+        st.append(("opd-sft", lambda: self.s_opd("opd-sft", "toy_opd_sft.yaml", [])))
+        st.append(("opd-merge-nomar", lambda: self.s_opd("opd-merge-nomar", "toy_opd_merge.yaml", ["beta=0"])))
+        for m in MODELS:
+            st.append((f"eval-{m}", lambda m=m: self.s_eval(m)))
+        st.append(("report", self.s_report))
+        return st
+
+    def s_base(self):
+        from .backends.tiny import shipped_base_dir
+
+        self.publish("base", shipped_base_dir())
+
+    def s_grpo(self, model: str, config: str, extra_key: str):
+        from .trainers.grpo import main_grpo
+
+        w = self.work(model)
+        over = list(self.p["grpo"]) + list(self.rc.grpo) + list(getattr(self.rc, extra_key))
+        over.append(f"init={self.ckpt('base')}")
+        final = main_grpo(REPO_CONFIGS / config, w, over)
+        self.publish(model, final)
+
+    def teacher_dirs(self) -> list[str]:
+        return [str(self.ckpt(f"teacher-{t}")) for t in ("compose", "text", "quality")]
+
+    def s_coldstart(self, method: str):
+        from .trainers.coldstart import main_coldstart
+
+        w = self.work(f"coldstart-{method}")
+        over = [f"base={self.ckpt('base')}"]
+        if method == "sft":
+            over += list(self.p["coldstart_sft"]) + list(self.rc.coldstart_sft)
+        final = main_coldstart(method, self.teacher_dirs(), w, over)
+        self.publish(f"coldstart-{method}", final)
+
+    def s_opd(self, model: str, config: str, extra: list[str]):
+        from .trainers.opd import main_distill
+
+        w = self.work(model)
+        init = "coldstart-sft" if "sft" in model else "coldstart-merge"
+        t = dict(zip(("compose", "text", "quality"), self.teacher_dirs()))
+        over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}",
+                f"teachers={json.dumps(t)}"] + list(self.p["distill"]) + list(self.rc.distill) + extra
+        final = main_distill(REPO_CONFIGS / config, w, over)
+        self.publish(model, final)
+
+    def eval_args(self) -> dict:
+        e = dict(self.p["eval"])
+        if self.rc.eval_steps:
+            e["steps"] = self.rc.eval_steps
+        if self.rc.eval_per_group:
+            e["per_group"] = self.rc.eval_per_group
+        return e
+
+    def s_eval(self, model: str):
+        from .backends import load_checkpoint
+        from .evaluate import evaluate
+
+        backend = load_checkpoint(self.ckpt(model))
+        e = self.eval_args()
+        metrics, _, _ = evaluate(backend, "test", steps=e["steps"], per_group=e["per_group"], progress=True)
+        d = self.out / "evals"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{model}.json").write_text(json.dumps(metrics, indent=2))
+
+    def results(self) -> dict:
+        models = {}
+        for m in MODELS:
+            f = self.out / "evals" / f"{m}.json"
+            if f.is_file():
+                models[m] = json.loads(f.read_text())
+        stage_s = {n: (self.done(n) or {}).get("seconds") for n, _ in self.stage_list() if self.done(n)}
+        return {"preset": self.preset, "date": datetime.date.today().isoformat(),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch on "
+                           f"{'cuda' if _cuda() else 'cpu'}",
+                "models": models, "stage_seconds": stage_s,
+                "eval": self.eval_args()}
+
+    def curves(self) -> dict:
+        """Training reward per task vs rollouts from each RL stage's train_log.jsonl."""
+        out = {}
+        for model in ("teacher-compose", "teacher-text", "teacher-quality", "grpo-mix", "opd-merge"):
+            log = self.out / "work" / model / "train_log.jsonl"
+            cfg = self.out / "work" / model / "config.yaml"
+            if not log.is_file():
+                continue
+            per_step = 1
+            if cfg.is_file():
+                import yaml
+
+                c = yaml.safe_load(cfg.read_text()) or {}
+                per_step = int(c.get("prompts_per_step", 1)) * int(c.get("group_size", 1))
+            rows = []
+            for line in log.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "step" in r:
+                    r["rollouts"] = r["step"] * per_step
+                    rows.append(r)
+            out[model] = rows
+        return out
+
+    def s_report(self):
+        import numpy as np
+
+        from .backends import load_checkpoint
+        from .report import write_report
+        from .sampling import sample_images
+
+        res = self.results()
+        grid_prompts = ["a red square and a blue circle", "three triangles", "a circle left of a square",
+                        "a yellow triangle", 'a sign that says "K7"', 'a sign that says "FLOW"']
+        e = self.eval_args()
+        rows = {}
+        for m in MODELS:
+            if self.ckpt(m).is_dir():
+                b = load_checkpoint(self.ckpt(m))
+                rows[m] = sample_images(b, grid_prompts, steps=e["steps"], seed=self.rc.grid_seed, progress=False)
+        write_report(self.out, res, self.curves(), rows, grid_prompts)
+        (self.out / "results.json").write_text(json.dumps(res, indent=2))
+        return res
+
+    # ---- driver ----------------------------------------------------------------
+    def run(self) -> dict:
+        stages = self.stage_list()
+        n = len(stages)
+        for k, (name, fn) in enumerate(stages, 1):
+            if name != "report" and self.done(name):
+                print(f"[stage {k}/{n}] {name}: done earlier, skipped", file=sys.stderr)
+                continue
+            el = time.time() - self.t0
+            print(f"[stage {k}/{n}] {name} (elapsed {_fmt(el)})", file=sys.stderr, flush=True)
+            t = time.time()
+            fn()
+            self.finish(name, time.time() - t)
+        res = json.loads((self.out / "results.json").read_text())
+        print(f"[done] {n} stages in {_fmt(time.time() - self.t0)}; results in {self.out}", file=sys.stderr)
+        return res
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main_run(preset: str, out: str | Path, config: str | None = None, overrides: list[str] | None = None) -> dict:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+    rc = load(RunConfig, config, overrides)
+    out = Path(out)
+    meta = out / "run.json"
+    if meta.is_file():
+        prev = json.loads(meta.read_text())
+        if prev.get("preset") != preset:
+            raise ConfigError(f"{out} holds a '{prev.get('preset')}' run; use another --out for preset '{preset}'")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"preset": preset, "config": str(config) if config else None}))
+    return Pipeline(out, preset, rc).run()
