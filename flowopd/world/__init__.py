@@ -1,0 +1,1 @@
+"""The toy world: prompt grammar and splits, renderer, scorers, quality model, fidelity."""
