@@ -89,7 +89,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = load(PretrainConfig, args.config, args.overrides)
     _device(cfg.device)
-    final = pretrain(cfg, args.out)
+    final = pretrain(cfg, args.out, overwrite=args.overwrite)
     print(f"final EMA weights: {final}", file=sys.stderr)
     return 0
 
@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train the tiny model from scratch with the flow-matching loss; "
                                     "configs/toy_pretrain.yaml is the recipe of the shipped base.")
     sp.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    sp.add_argument("--out", required=True, help="output directory for checkpoints and logs")
+    sp.add_argument("--out", required=True, help="output directory for checkpoints and logs; "
+                                                  "rerunning on the same --out resumes from its last state")
+    sp.add_argument("--overwrite", action="store_true", help="allow an --out that holds another run's config")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=1000")
     sp.set_defaults(func=cmd_pretrain)
 

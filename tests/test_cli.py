@@ -132,3 +132,52 @@ def test_pretrain_tiny_run_writes_loadable_checkpoint(tmp_path):
     assert json.loads((out / "final" / "config.json").read_text())["meta"]["step"] == 3
     assert (out / "step_000002" / "model.safetensors").is_file()
     assert b.model.cfg.channels == (8, 8, 8)
+
+
+def _params(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final" / "model.safetensors"))
+
+
+def test_pretrain_resume_is_exact_and_skips_truncated_state(tmp_path):
+    common = ["--batch_size=4", "--dataset_size=8", "--channels=[8,8,8]", "--device=cpu", "--state_every=2", "--warmup=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("pretrain", "--out", str(a), "--steps=6", *common).returncode == 0
+    # b stops at 4 (states at 2 and 4), its newest state is then damaged by hand
+    assert run("pretrain", "--out", str(b), "--steps=4", *common).returncode == 0
+    states = sorted((b / "state").glob("step_*"))
+    assert [s.name for s in states] == ["step_00000004"]  # the older one is gone once the newer is complete
+    t = states[-1] / "tensors.safetensors"
+    t.write_bytes(t.read_bytes()[:100])
+    r = run("pretrain", "--out", str(b), "--steps=6", *common)
+    assert r.returncode == 0, r.stderr
+    assert "skipping damaged checkpoint" in r.stderr and "truncated" in r.stderr
+    # nothing intact to resume from: it starts over and still lands on a's parameters
+    pa, pb = _params(a), _params(b)
+    assert all(torch_equal(pa[k], pb[k]) for k in pa)
+
+
+def test_pretrain_resume_from_intact_state_matches(tmp_path):
+    common = ["--batch_size=4", "--dataset_size=8", "--channels=[8,8,8]", "--device=cpu", "--state_every=2", "--warmup=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("pretrain", "--out", str(a), "--steps=5", *common).returncode == 0
+    assert run("pretrain", "--out", str(b), "--steps=2", *common).returncode == 0
+    r = run("pretrain", "--out", str(b), "--steps=5", *common)
+    assert r.returncode == 0 and "resuming from step 2" in r.stderr
+    pa, pb = _params(a), _params(b)
+    assert all(torch_equal(pa[k], pb[k]) for k in pa)
+
+
+def test_pretrain_refuses_other_runs_out_dir(tmp_path):
+    common = ["--batch_size=4", "--dataset_size=8", "--channels=[8,8,8]", "--device=cpu", "--steps=1"]
+    assert run("pretrain", "--out", str(tmp_path / "a"), *common).returncode == 0
+    r = run("pretrain", "--out", str(tmp_path / "a"), *common, "--lr=0.01")
+    assert r.returncode == 2 and "another run" in r.stderr
+    assert run("pretrain", "--out", str(tmp_path / "a"), *common, "--lr=0.01", "--overwrite").returncode == 0
+
+
+def torch_equal(x, y):
+    import torch
+
+    return torch.equal(x, y)

@@ -5,7 +5,9 @@ The loop, top to bottom:
   1. draw a batch, drop prompts with probability p_uncond (for CFG)
   2. draw sigma from a logit-normal, interpolate x = (1-sigma) x0 + sigma noise
   3. regress the velocity noise - x0 (MSE), AdamW step, EMA update
-  4. log; save the EMA weights at the requested steps and at the end
+  4. log; save the EMA weights at the requested steps and at the end; every
+     `state_every` steps save the whole run state (flowopd.state), from which a
+     rerun of the same command on the same --out resumes bit for bit (CPU)
 
 The shipped base (flowopd/checkpoints/base) was made by this loop with
 configs/toy_pretrain.yaml; its config.json records the recipe and the cost.
@@ -16,6 +18,8 @@ import copy
 import json
 import math
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -27,7 +31,9 @@ from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, save_checkpoint
 from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
-from ..config import require
+from ..config import require, to_dict
+from ..errors import UserError
+from ..state import check_out_dir, latest_state, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_state, save_state
 from ..flow import interpolate, velocity_target
 from ..losses import flow_matching_loss, logit_normal_sigmas
 from ..world.prompts import CATEGORIES, sample_prompt
@@ -55,6 +61,8 @@ class PretrainConfig:
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
     log_every: int = 100
+    state_every: int = 500  # full resumable state every N steps (0: never)
+    max_bad_steps: int = 5  # consecutive non-finite losses/gradients before stopping
     eval_steps: int = 40  # sampling defaults written into the checkpoint
     eval_cfg: float = 3.0
     shift: float = 1.0
@@ -67,6 +75,8 @@ class PretrainConfig:
         require(0 <= self.text_fraction <= 1, "text_fraction must be in [0, 1]")
         require(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
         require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
+        require(self.state_every >= 0, "state_every must be >= 0")
+        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
 
 
 def _render_chunk(args):
@@ -96,9 +106,25 @@ def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1):
     return prompts, np.concatenate([im for _, im in parts])
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
+class NonFiniteError(UserError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def _identity(cfg: PretrainConfig) -> dict:
+    """The parts of the config that define the run (resuming needs them unchanged)."""
+    d = to_dict(cfg)
+    for k in ("steps", "max_minutes", "log_every", "save_at", "render_workers", "device", "state_every"):
+        d.pop(k, None)
+    return d
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
+    check_out_dir(out, _identity(cfg), overwrite, "run.json")
+    if overwrite and (out / "run.json").is_file() and json.loads((out / "run.json").read_text()) != _identity(cfg):
+        shutil.rmtree(out / "state", ignore_errors=True)  # another run's state must not be resumed
     out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(_identity(cfg)))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -130,9 +156,31 @@ def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
                 "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         save_checkpoint(backend, out / name, meta)
 
+    def save_run_state(step: int):
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        opt_t, opt_rest = optimizer_to_flat(opt)
+        rng_t, rng_js = rng_state({"data": gen})
+        tensors.update(opt_t)
+        tensors.update(rng_t)
+        save_state(out / "state", step, tensors, {"opt": opt_rest, "rng": rng_js, "sched": sched.state_dict(),
+                                                   "loss_avg": loss_avg, "bad": bad})
+
+    start, loss_avg, bad = 0, None, 0
+    found = latest_state(out / "state", log=lambda m: print(m, file=sys.stderr))
+    if found:
+        start, tensors, meta = found
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        optimizer_from_flat(opt, tensors, meta["opt"])
+        sched.load_state_dict(meta["sched"])
+        restore_rng(tensors, meta["rng"], {"data": gen})
+        loss_avg, bad = meta["loss_avg"], meta["bad"]
+        print(f"resuming from step {start} ({out / 'state'})", file=sys.stderr)
+
     save_at = set(cfg.save_at)
-    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", mininterval=2)
-    loss_avg, step = None, 0
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", mininterval=2, initial=start, total=cfg.steps)
+    step = start
     for step in bar:
         # 1. batch, prompt dropout
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), device=device, generator=gen)
@@ -151,7 +199,20 @@ def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
         loss = flow_matching_loss(v.float(), x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+            # a NaN/Inf loss or gradient: skip this update, stop after too many in a row
+            bad += 1
+            cause = "loss" if not torch.isfinite(loss) else "gradient"
+            log.write(json.dumps({"step": step, "skipped": f"non-finite {cause}", "in_a_row": bad}) + "\n")
+            log.flush()
+            bar.write(f"step {step}: non-finite {cause}, update skipped ({bad} in a row)")
+            if bad >= cfg.max_bad_steps:
+                save_run_state(step - 1)
+                raise NonFiniteError(f"stopped at step {step}: {bad} non-finite updates in a row "
+                                     f"(last good state saved in {out / 'state'})")
+            continue
+        bad = 0
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -167,9 +228,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
             log.flush()
         if step in save_at:
             save(step, f"step_{step:06d}")
+        if cfg.state_every and step % cfg.state_every == 0:
+            save_run_state(step)
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             bar.write(f"time limit reached at step {step}")
             break
+    if cfg.state_every and step % cfg.state_every:
+        save_run_state(step)
     save(step, "final")
     (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
                                                    "render_seconds": round(render_s, 1), "loss": loss_avg}))
