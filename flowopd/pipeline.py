@@ -58,6 +58,18 @@ class RunConfig:
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
 
+# Relative cost of each kind of stage, for the remaining-time estimate.
+WEIGHTS = {"base": 0.05, "teacher": 4.0, "grpo": 6.0, "coldstart-merge": 0.2, "coldstart-sft": 2.0,
+           "opd": 3.0, "eval": 1.5, "report": 0.5}
+
+
+def _weight(name: str) -> float:
+    for key in ("coldstart-merge", "coldstart-sft", "teacher", "grpo", "opd", "eval", "report", "base"):
+        if name.startswith(key):
+            return WEIGHTS[key]
+    return 1.0
+
+
 def _fmt(s: float) -> str:
     s = int(s)
     return f"{s // 60:d}:{s % 60:02d}"
@@ -248,15 +260,19 @@ class Pipeline:
     def run(self) -> dict:
         stages = self.stage_list()
         n = len(stages)
+        done_w = 0.0  # weight of the stages run in this invocation
         for k, (name, fn) in enumerate(stages, 1):
             if name != "report" and self.done(name):
                 print(f"[stage {k}/{n}] {name}: done earlier, skipped", file=sys.stderr)
                 continue
             el = time.time() - self.t0
-            print(f"[stage {k}/{n}] {name} (elapsed {_fmt(el)})", file=sys.stderr, flush=True)
+            left = sum(_weight(s) for s, _ in stages[k - 1:] if s == "report" or not self.done(s))
+            eta = f", estimate {_fmt(el / done_w * left)} left" if done_w else ""
+            print(f"[stage {k}/{n}] {name} (elapsed {_fmt(el)}{eta})", file=sys.stderr, flush=True)
             t = time.time()
             fn()
             self.finish(name, time.time() - t)
+            done_w += _weight(name)
         res = json.loads((self.out / "results.json").read_text())
         print(f"[done] {n} stages in {_fmt(time.time() - self.t0)}; results in {self.out}", file=sys.stderr)
         return res
