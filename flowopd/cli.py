@@ -102,6 +102,22 @@ def cmd_grpo(args) -> int:
     return 0
 
 
+def cmd_coldstart(args) -> int:
+    from .trainers.coldstart import main_coldstart
+
+    final = main_coldstart(args.method, args.teachers, args.out, args.overrides)
+    print(f"cold-start checkpoint: {final}", file=sys.stderr)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .trainers.opd import main_distill
+
+    final = main_distill(args.config, args.out, args.overrides)
+    print(f"final checkpoint: {final}", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args) -> int:
     from .pipeline import main_run
 
@@ -173,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --steps=10")
     sp.set_defaults(func=cmd_grpo)
+
+    sp = sub.add_parser("coldstart", help="cold start for the student: merge teacher deltas, or SFT on their best samples",
+                        description="merge: the exact (weighted) average of the teachers' weight deltas (for LoRA, "
+                                    "of B @ A). sft: flow-matching fine-tune of the base on each teacher's best "
+                                    "samples of its own task. Writes a checkpoint directory to --out.")
+    sp.add_argument("--method", required=True, choices=["merge", "sft"], help="merge or sft")
+    sp.add_argument("--teachers", required=True, nargs="+", metavar="DIR",
+                    help="teacher checkpoints or GRPO run folders (TASK=DIR to name the task)")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --weights=[0.5,0.25,0.25]")
+    sp.set_defaults(func=cmd_coldstart)
+
+    sp = sub.add_parser("distill", help="Flow-OPD: on-policy distillation of the teachers into one student, with MAR",
+                        description="The student samples SDE trajectories for prompts of all tasks; each is routed "
+                                    "to a teacher (routing=task|reward|soft) that supervises every step (rule=direct|pg), "
+                                    "plus beta * KL to the anchor (MAR). Example: configs/toy_opd_merge.yaml.")
+    sp.add_argument("--config", default=None, help="YAML config")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --beta=0 teachers.text=DIR")
+    sp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("run", help="the whole toy pipeline: teachers, GRPO-Mix, cold starts, OPD, eval, report",
                         description="Run every stage in order, each cached in --out: a second run skips what is "

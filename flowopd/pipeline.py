@@ -30,7 +30,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS: dict[str, dict] = {
     "quick": {
         "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4"],
-        "coldstart_sft": ["samples_per_prompt=2", "prompts_per_task=4", "steps=4"],
+        "coldstart_sft": ["sft_prompts_per_task=2", "sft_candidates=2", "sft_sample_steps=4", "sft_steps=4",
+                          "sft_batch=4"],
         "distill": ["steps=2", "prompts_per_step=3", "group_size=2", "sample_steps=4"],
         "eval": {"per_group": 2, "steps": 8},
     },
@@ -154,8 +155,8 @@ class Pipeline:
         final = main_grpo(REPO_CONFIGS / config, w, over)
         self.publish(model, final)
 
-    def teacher_dirs(self) -> list[str]:
-        return [str(self.ckpt(f"teacher-{t}")) for t in ("compose", "text", "quality")]
+    def teachers(self) -> dict[str, str]:
+        return {t: str(self.ckpt(f"teacher-{t}")) for t in ("compose", "text", "quality")}
 
     def s_coldstart(self, method: str):
         from .trainers.coldstart import main_coldstart
@@ -164,7 +165,7 @@ class Pipeline:
         over = [f"base={self.ckpt('base')}"]
         if method == "sft":
             over += list(self.p["coldstart_sft"]) + list(self.rc.coldstart_sft)
-        final = main_coldstart(method, self.teacher_dirs(), w, over)
+        final = main_coldstart(method, [f"{t}={d}" for t, d in self.teachers().items()], w, over)
         self.publish(f"coldstart-{method}", final)
 
     def s_opd(self, model: str, config: str, extra: list[str]):
@@ -172,9 +173,9 @@ class Pipeline:
 
         w = self.work(model)
         init = "coldstart-sft" if "sft" in model else "coldstart-merge"
-        t = dict(zip(("compose", "text", "quality"), self.teacher_dirs()))
-        over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}",
-                f"teachers={json.dumps(t)}"] + list(self.p["distill"]) + list(self.rc.distill) + extra
+        over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
+        over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
+        over += list(self.p["distill"]) + list(self.rc.distill) + extra
         final = main_distill(REPO_CONFIGS / config, w, over)
         self.publish(model, final)
 
@@ -245,7 +246,7 @@ class Pipeline:
 
         res = self.results()
         grid_prompts = ["a red square and a blue circle", "three triangles", "a circle left of a square",
-                        "a yellow triangle", 'a sign that says "K7"', 'a sign that says "FLOW"']
+                        "a yellow triangle", 'a sign that says "K7"', 'a sign that says "GR4B"']
         e = self.eval_args()
         rows = {}
         for m in MODELS:

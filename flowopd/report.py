@@ -103,12 +103,13 @@ def plot_curves(curves: dict, path: Path) -> None:
 
     tasks = ("compose", "text", "quality")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    colors = {run: f"C{i}" for i, run in enumerate(curves)}  # one colour per run across the panels
     for ax, task in zip(axes, tasks):
         for run, rows in curves.items():
             pts = [(r["rollouts"], r[f"reward/{task}"]) for r in rows if r.get(f"reward/{task}") is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=".", label=run)
+                ax.plot(xs, ys, marker=".", label=run, color=colors[run])
         ax.set_title(f"{task} reward")
         ax.set_xlabel("rollouts (images sampled)")
         ax.grid(alpha=0.3)

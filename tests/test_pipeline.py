@@ -1,0 +1,41 @@
+"""End to end: `flowopd run --preset quick` produces every model, field and report file,
+and a second run skips every finished stage."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flowopd.report import MODELS
+
+FIELDS = ("compose", "single_object", "two_object", "counting", "colors", "position", "color_attr",
+          "text", "quality", "fidelity", "average")
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "flowopd", "run", "--preset", "quick", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == set(MODELS)
+    for m in MODELS:
+        for f in FIELDS:
+            assert isinstance(res["models"][m][f], float), (m, f)
+        assert (out / "checkpoints" / m / "model.safetensors").is_file()
+    assert res["stage_seconds"]["teacher-compose"] > 0
+    for f in ("report.md", "report.html", "curves.png", "grid.png"):
+        assert (out / f).stat().st_size > 0
+    # the checkpoints are usable by `flowopd sample`
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    s = subprocess.run([sys.executable, "-m", "flowopd", "sample", "--checkpoint", str(out / "checkpoints" / "opd-merge"),
+                        "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--steps", "2"], capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr
+    # a second run redoes nothing but the report, and gives the same table
+    r2 = subprocess.run([sys.executable, "-m", "flowopd", "run", "--preset", "quick", "--out", str(out)],
+                        capture_output=True, text=True)
+    assert r2.returncode == 0
+    assert r2.stderr.count("done earlier, skipped") == 18
+    assert json.loads((out / "results.json").read_text())["models"] == res["models"]
