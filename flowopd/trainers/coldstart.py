@@ -1,0 +1,511 @@
+"""Cold start of the Flow-OPD student (DESIGN.md section 1, step 2): merge or SFT.
+
+Two ways to give the student a stable start before on-policy distillation:
+
+- ``merge``: the exact weighted sum (default: the average) of the teachers' weight deltas,
+      delta_merge = sum_i w_i * delta_i,    delta_i = s_i * B_i @ A_i   (LoRA, s_i = alpha_i / r_i)
+  For LoRA teachers on the same base this is done *exactly* by concatenating the factors along
+  the rank axis:  A = [A_1; ...; A_k]  (rank R = sum r_i),  B = [w_1 s_1 B_1, ..., w_k s_k B_k],
+  alpha = R (scale 1), so that B @ A = sum_i w_i s_i B_i @ A_i. The product of averaged factors,
+  mean(B) @ mean(A), is *not* the average of the products and is never used. Teachers that are
+  full fine-tunes (or LoRAs over another init) enter as dense deltas (teacher weights - base
+  weights); if any teacher is dense, the merge is dense (full weights, no adapter).
+- ``sft``: a flow-matching fine-tune (a LoRA on the base) on each teacher's best samples of its
+  own task's training prompts: for every prompt the teacher draws `sft_candidates` images (ODE),
+  its task's reward scores them (flowopd.rewards), the best one is kept; the LoRA then regresses
+  the velocity noise - x0 on these (prompt, image) pairs, with prompt dropout for CFG.
+
+Either way the result is a checkpoint directory loadable by `flowopd.backends.load_checkpoint`
+(config.json + full weights in model.safetensors), and, when the cold start is a LoRA,
+the adapter alone in adapters/<name>.safetensors with rank/alpha/targets/base in
+config.json["adapters"] (the layout GRPO teachers use), which OPD loads as the student's
+initial adapter on the very base its teachers share.
+
+This module also holds the LoRA algebra the distillation stage reuses: reading teacher
+checkpoints (`read_teacher`), dense deltas of LoRA factors (`lora_delta`), putting a LoRA on a
+backend as a named adapter (`attach_lora`), reading one back (`adapter_lora`), and writing
+checkpoints (`save_lora_checkpoint`, `save_dense_checkpoint`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from ..backends.tiny import LORA_TARGETS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..config import ConfigError, build, require, to_dict
+from ..world.prompts import TASKS
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
+
+Lora = dict  # module path (e.g. "down1.conv1") -> (A, B), unscaled factors as peft stores them
+
+
+# ----------------------------------------------------------------------------- LoRA algebra
+
+
+def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """Dense weight delta of one LoRA module: scale * B @ A, in the shape of the base weight.
+
+    Linear: A (r, in), B (out, r) -> (out, in).
+    Conv2d: A (r, in, kh, kw) (a conv), B (out, r, 1, 1) (a 1x1 conv) -> (out, in, kh, kw):
+            delta[o, i, h, w] = scale * sum_r B[o, r] A[r, i, h, w].
+    """
+    A, B = A.double(), B.double()
+    d = B.flatten(1) @ A.flatten(1)  # (out, in * kh * kw)
+    return (scale * d).view(B.shape[0], *A.shape[1:]).float()
+
+
+def lora_deltas(lora: Lora, scale: float) -> dict[str, Tensor]:
+    """{base weight key ("down1.conv1.weight"): dense delta} of every module of a LoRA."""
+    return {f"{m}.weight": lora_delta(A, B, scale) for m, (A, B) in lora.items()}
+
+
+def from_peft_state(sd: dict[str, Tensor]) -> Lora:
+    """peft adapter state dict ("base_model.model.<module>.lora_A.weight", ...) -> {module: (A, B)}."""
+    out: dict[str, list] = {}
+    for k, v in sd.items():
+        for i, tag in enumerate((".lora_A.weight", ".lora_B.weight")):
+            if k.endswith(tag):
+                m = k[: -len(tag)]
+                m = m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m
+                out.setdefault(m, [None, None])[i] = v.detach().float().cpu()
+    bad = [m for m, ab in out.items() if ab[0] is None or ab[1] is None]
+    if bad:
+        raise CheckpointError(f"LoRA state has A without B (or B without A) for {bad[:3]}")
+    return {m: (a, b) for m, (a, b) in out.items()}
+
+
+def to_peft_state(lora: Lora) -> dict[str, Tensor]:
+    """{module: (A, B)} -> peft adapter state dict keys (what set_peft_model_state_dict loads)."""
+    sd = {}
+    for m, (A, B) in lora.items():
+        sd[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.contiguous()
+        sd[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.contiguous()
+    return sd
+
+
+def concat_loras(loras: list[Lora], scales: list[float], weights: list[float]) -> Lora:
+    """Exact LoRA of the weighted sum of deltas: sum_i w_i s_i B_i @ A_i = B_cat @ A_cat (scale 1).
+
+    A_cat stacks the A_i along the rank axis (dim 0), B_cat the w_i s_i B_i (dim 1); a module a
+    teacher does not adapt gets a zero block of that teacher's rank. Rank = sum_i r_i."""
+    modules = list(dict.fromkeys(m for lo in loras for m in lo))
+    ranks = [next(iter(lo.values()))[0].shape[0] for lo in loras]
+    out = {}
+    for m in modules:
+        A_ref, B_ref = next(lo[m] for lo in loras if m in lo)
+        As, Bs = [], []
+        for lo, r, s, w in zip(loras, ranks, scales, weights):
+            if m in lo:
+                A, B = lo[m]
+                As.append(A)
+                Bs.append(B * (w * s))
+            else:
+                As.append(A_ref.new_zeros((r, *A_ref.shape[1:])))
+                Bs.append(B_ref.new_zeros((B_ref.shape[0], r, *B_ref.shape[2:])))
+        out[m] = (torch.cat(As, 0), torch.cat(Bs, 1))
+    return out
+
+
+def svd_lora(deltas: dict[str, Tensor], modules: list[str], rank: int) -> tuple[Lora, float]:
+    """Best rank-`rank` LoRA (scale 1) of dense deltas on the given modules, by truncated SVD.
+    Returns (lora, relative Frobenius residual over those modules). Used only to start a LoRA
+    student from a dense cold start (full fine-tuned teachers); it is an approximation."""
+    lora, res2, tot2 = {}, 0.0, 0.0
+    for m in modules:
+        d = deltas.get(f"{m}.weight")
+        if d is None:
+            continue
+        M = d.double().flatten(1)  # (out, in*kh*kw)
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        r = min(rank, S.numel())
+        sq = S[:r].sqrt()
+        A = (sq[:, None] * Vh[:r]).float()
+        B = (U[:, :r] * sq[None]).float()
+        if r < rank:  # pad to the common rank with zero blocks
+            A = torch.cat([A, A.new_zeros(rank - r, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], 1)
+        A = A.view(rank, *d.shape[1:])
+        B = B.view(d.shape[0], rank, *([1] * (d.ndim - 2)))
+        lora[m] = (A, B)
+        res2 += float((S[r:] ** 2).sum())
+        tot2 += float((S**2).sum())
+    return lora, math.sqrt(res2 / tot2) if tot2 > 0 else 0.0
+
+
+def lora_modules_of(backend, targets: list[str]) -> list[str]:
+    """Paths of the base model's modules that a LoRA with these target names adapts."""
+    out = []
+    for name, mod in backend.model.named_modules():
+        if name and name.split(".")[-1] in targets and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- adapters on a backend
+
+
+def attach_lora(backend, name: str, lora: Lora, rank: int, alpha: float, targets: list[str]) -> str:
+    """Add `lora` to `backend` as the named adapter `name` (it becomes the active one)."""
+    from peft import set_peft_model_state_dict
+
+    backend.add_adapter(name, rank=int(rank), alpha=float(alpha), targets=list(targets))
+    res = set_peft_model_state_dict(backend._peft, to_peft_state(lora), adapter_name=name)
+    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+    missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
+    if bad or missing:
+        raise CheckpointError(f"adapter {name!r} does not fit the model: unexpected {bad[:2]}, missing {missing[:2]}")
+    return name
+
+
+def adapter_lora(backend, name: str) -> tuple[Lora, int, float, list[str]]:
+    """Read the named adapter back: (lora, rank, alpha, targets)."""
+    from peft import get_peft_model_state_dict
+
+    lc = backend._peft.peft_config[name]
+    lora = from_peft_state(get_peft_model_state_dict(backend._peft, adapter_name=name))
+    return lora, int(lc.r), float(lc.lora_alpha), sorted(lc.target_modules)
+
+
+def base_state(base: str | Path = "base") -> dict[str, Tensor]:
+    """Plain (un-wrapped) float32 state dict of a checkpoint's full weights."""
+    return {k: v.float() for k, v in load_file(str(resolve_checkpoint(base) / "model.safetensors")).items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_dense_checkpoint(out: str | Path, base: str | Path, deltas: dict[str, Tensor], meta: dict) -> Path:
+    """Write base + deltas as a full-weight checkpoint (config.json + model.safetensors)."""
+    backend = load_checkpoint(base)
+    sd = base_state(base)
+    for k, d in deltas.items():
+        sd[k] = sd[k] + d.to(sd[k].dtype)
+    return save_checkpoint(backend, out, meta, state_dict=sd)
+
+
+def save_lora_checkpoint(out: str | Path, base: str | Path, name: str, lora: Lora, rank: int, alpha: float,
+                         targets: list[str], meta: dict) -> Path:
+    """A LoRA over `base` as a checkpoint: merged full weights (model.safetensors), the adapter
+    alone (adapters/<name>.safetensors) and its rank/alpha/targets/base in config.json["adapters"]."""
+    out = Path(out)
+    save_dense_checkpoint(out, base, lora_deltas(lora, alpha / rank), meta)
+    (out / "adapters").mkdir(exist_ok=True)
+    save_file(to_peft_state(lora), str(out / "adapters" / f"{name}.safetensors"))
+    conf = json.loads((out / "config.json").read_text())
+    conf["adapters"] = {name: {
+        "file": f"adapters/{name}.safetensors", "rank": int(rank), "alpha": float(alpha),
+        "targets": sorted(targets), "base": str(base),
+        "note": "a LoRA over `base`; model.safetensors already holds it merged"}}
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    return out
+
+
+@dataclass
+class TeacherWeights:
+    """A teacher (or cold start) as a change of one base: a LoRA, or dense deltas."""
+
+    name: str                                  # its adapter name (the task it teaches)
+    path: Path
+    lora: Lora | None = None                   # LoRA teachers: unscaled factors
+    rank: int = 0
+    alpha: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    dense: dict[str, Tensor] | None = None     # dense teachers: teacher - base, every weight that differs
+    tasks: list[str] = field(default_factory=list)   # tasks of its training recipe (if recorded)
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.lora is not None else "dense"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+    def deltas(self) -> dict[str, Tensor]:
+        """Dense weight deltas (base key -> delta)."""
+        return lora_deltas(self.lora, self.scale) if self.lora is not None else self.dense
+
+
+def resolve_teacher_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a training run's --out directory holding final/."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        p = p / "final"
+    return resolve_checkpoint(p)
+
+
+def read_teacher(path: str | Path, base: str | Path = "base", name: str | None = None,
+                 base_sd: dict | None = None, tol: float = 1e-4) -> TeacherWeights:
+    """Read a teacher checkpoint as a change of `base`.
+
+    If it carries a LoRA adapter (adapters/<name>.safetensors, GRPO's layout) and its merged
+    weights equal base + that LoRA (max error <= tol * max|W|, i.e. the adapter was trained on
+    this very base), it is a LoRA teacher. Otherwise (a full fine-tune, or a LoRA over another
+    init) it is a dense teacher: delta = teacher weights - base weights."""
+    p = resolve_teacher_dir(path)
+    conf = json.loads((p / "config.json").read_text())
+    recipe = (conf.get("meta") or {}).get("recipe") or {}
+    tasks = list(recipe.get("tasks") or [])
+    adapters = conf.get("adapters") or {}
+    base_sd = base_sd if base_sd is not None else base_state(base)
+    full = {k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}
+    missing = sorted(set(base_sd) - set(full))
+    if missing or any(full[k].shape != base_sd[k].shape for k in base_sd):
+        raise CheckpointError(f"{p}: weights do not match the base model's ({missing[:2]} ...)")
+    if adapters:
+        a_name = name if name in adapters else (next(iter(adapters)) if len(adapters) == 1 else None)
+        if a_name is None:
+            raise CheckpointError(f"{p} holds adapters {sorted(adapters)}; name one")
+        a = adapters[a_name]
+        lora = from_peft_state(load_file(str(p / a["file"])))
+        t = TeacherWeights(name or a_name, p, lora=lora, rank=int(a["rank"]), alpha=float(a["alpha"]),
+                           targets=list(a["targets"]), tasks=tasks)
+        d = t.deltas()
+        err = max(float((full[k] - base_sd[k] - d.get(k, 0.0)).abs().max()) for k in base_sd)
+        top = max(float(v.abs().max()) for v in base_sd.values())
+        if err <= tol * max(1.0, top):
+            return t
+        warnings.warn(f"{p}: its adapter {a_name!r} does not sit on this base (max error {err:.2e}); "
+                      "using its full weights as a dense delta")
+    dense = {k: full[k] - base_sd[k] for k in base_sd if not torch.equal(full[k], base_sd[k])}
+    return TeacherWeights(name or (tasks[0] if len(tasks) == 1 else p.parent.name), p, dense=dense, tasks=tasks)
+
+
+def parse_teachers(teachers) -> list[tuple[str | None, str]]:
+    """["compose=runs/a", "runs/b"] or {"compose": "runs/a"} -> [(task or None, path)]."""
+    if isinstance(teachers, dict):
+        return [(str(k), str(v)) for k, v in teachers.items()]
+    out = []
+    for t in teachers:
+        t = str(t)
+        if "=" in t:
+            k, v = t.split("=", 1)
+            out.append((k, v))
+        else:
+            out.append((None, t))
+    return out
+
+
+def teacher_task(name: str | None, t: TeacherWeights) -> str:
+    """The task a teacher teaches: given, else its recipe's single task, else its adapter name."""
+    if name:
+        return name
+    if len(t.tasks) == 1:
+        return t.tasks[0]
+    if t.name in TASKS:
+        return t.name
+    raise ConfigError(f"cannot tell which task teacher {t.path} teaches; pass it as TASK=DIR")
+
+
+def load_teachers(teachers, base: str | Path = "base") -> dict[str, TeacherWeights]:
+    """{task: TeacherWeights} from paths (or TASK=PATH items, or a {task: path} mapping)."""
+    base_sd = base_state(base)
+    out: dict[str, TeacherWeights] = {}
+    for name, path in parse_teachers(teachers):
+        t = read_teacher(path, base, name=name, base_sd=base_sd)
+        task = teacher_task(name, t)
+        if task in out:
+            raise ConfigError(f"two teachers for task {task!r}: {out[task].path} and {t.path}")
+        t.name = task
+        out[task] = t
+    if not out:
+        raise ConfigError("no teachers given")
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ColdStartConfig:
+    base: str = "base"
+    weights: list[float] = field(default_factory=list)  # merge: weight of each teacher (default 1/k)
+    adapter_name: str = ""            # name of the saved adapter ("": the method's name)
+    # sft
+    task_rewards: dict = field(default_factory=dict)    # task -> reward name (default: the task's own)
+    sft_prompts_per_task: int = 24    # training prompts per teacher
+    sft_candidates: int = 4           # samples per prompt; the best by the task's reward is kept
+    sft_sample_steps: int = 20        # ODE steps of the teachers' samples
+    sft_cfg: float = 0.0              # 0: the checkpoint's own sampling cfg
+    sft_steps: int = 150              # flow-matching steps
+    sft_batch: int = 24
+    sft_lr: float = 2e-3
+    sft_rank: int = 24
+    sft_p_uncond: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0              # torch CPU threads (0: torch's default)
+
+    def validate(self):
+        require(all(w >= 0 for w in self.weights), "weights must be >= 0")
+        require(self.sft_prompts_per_task >= 1, "sft_prompts_per_task must be >= 1")
+        require(self.sft_candidates >= 1, "sft_candidates must be >= 1")
+        require(self.sft_sample_steps >= 1 and self.sft_steps >= 1, "sft step counts must be >= 1")
+        require(self.sft_batch >= 1 and self.sft_rank >= 1 and self.sft_lr > 0, "bad sft batch/rank/lr")
+        require(0 <= self.sft_p_uncond < 1, "sft_p_uncond must be in [0, 1)")
+        require(self.num_threads >= 0, "num_threads must be >= 0")
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def merge(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Path, meta: dict) -> Path:
+    """Merge cold start: sum_i w_i delta_i (exact; a concatenated LoRA when every teacher is a LoRA)."""
+    names = list(teachers)
+    w = list(cfg.weights) or [1.0 / len(names)] * len(names)
+    require(len(w) == len(names), f"weights has {len(w)} values for {len(names)} teachers")
+    ts = [teachers[n] for n in names]
+    meta = dict(meta, weights=dict(zip(names, w)))
+    if all(t.kind == "lora" for t in ts):
+        lora = concat_loras([t.lora for t in ts], [t.scale for t in ts], w)
+        rank = sum(t.rank for t in ts)
+        targets = sorted(set().union(*[t.targets for t in ts]))
+        return save_lora_checkpoint(out, cfg.base, cfg.adapter_name or "merge", lora, rank, float(rank), targets, meta)
+    deltas: dict[str, Tensor] = {}
+    for t, wi in zip(ts, w):
+        for k, d in t.deltas().items():
+            deltas[k] = deltas.get(k, 0.0) + wi * d
+    return save_dense_checkpoint(out, cfg.base, deltas, dict(meta, note="dense merge (a teacher is not a LoRA)"))
+
+
+# ----------------------------------------------------------------------------- sft
+
+
+def best_samples(teacher_dir, task: str, reward_name: str, cfg: ColdStartConfig, rng: random.Random, seed: int):
+    """The teacher's best-of-`sft_candidates` ODE sample for each of `sft_prompts_per_task` train
+    prompts of its task -> (prompts, uint8 images (n, 32, 32, 3), stats)."""
+    from ..rewards import get_reward
+    from ..sampling import sample_images
+    from ..world.prompts import sample_prompt
+
+    backend = load_checkpoint(teacher_dir, cfg.device)
+    reward = get_reward(reward_name)
+    prompts = [sample_prompt(rng, task, "train").text for _ in range(cfg.sft_prompts_per_task)]
+    G = cfg.sft_candidates
+    cand = [p for p in prompts for _ in range(G)]
+    images = sample_images(backend, cand, steps=cfg.sft_sample_steps, cfg=cfg.sft_cfg or None, seed=seed,
+                           progress=False)
+    r = reward(images, cand, [{"task": task}] * len(cand)).view(len(prompts), G)  # (n, G)
+    best = r.argmax(1)  # (n,)
+    keep = (torch.arange(len(prompts)) * G + best).numpy()
+    stats = {"reward_mean": float(r.mean()), "reward_best": float(r.max(1).values.mean())}
+    return prompts, images[keep], stats
+
+
+def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Path, meta: dict) -> Path:
+    """SFT cold start: a LoRA on the base fit by flow matching to the teachers' best samples."""
+    from ..flow import interpolate
+    from ..losses import flow_matching_loss, logit_normal_sigmas
+    from ..world.render import to_model_space
+
+    out = Path(out)
+    rng = random.Random(cfg.seed)
+    rewards = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
+    # 1. data: each teacher's best samples of its own task's train prompts
+    prompts, images, data_stats = [], [], {}
+    for i, (task, t) in enumerate(teachers.items()):
+        if task not in rewards:
+            raise ConfigError(f"no reward for task {task!r}; set task_rewards")
+        p, im, st = best_samples(t.path, task, rewards[task], cfg, rng, seed=cfg.seed * 1000 + i)
+        prompts += p
+        images.append(im)
+        data_stats[task] = st
+    x_all = torch.from_numpy(to_model_space(np.concatenate(images)))  # (n, 3, 32, 32)
+    # 2. flow-matching fine-tune of a LoRA on the base
+    device = torch.device(cfg.device)
+    backend = load_checkpoint(cfg.base, str(device))
+    name = cfg.adapter_name or "sft"
+    backend.add_adapter(name, rank=cfg.sft_rank, alpha=cfg.sft_rank)
+    params = backend.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log = open(out / "sft_log.jsonl", "w") if out.exists() else None
+    bar = tqdm(range(1, cfg.sft_steps + 1), desc="coldstart[sft]", mininterval=2)
+    for step in bar:
+        idx = torch.randint(0, len(prompts), (cfg.sft_batch,), generator=gen)
+        x0 = x_all[idx].to(device)
+        drop = torch.rand(cfg.sft_batch, generator=gen) < cfg.sft_p_uncond
+        batch_prompts = [None if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        sigma = logit_normal_sigmas(cfg.sft_batch, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        v = backend.velocity(interpolate(x0, noise, sigma), sigma, backend.encode_prompts(batch_prompts))
+        loss = flow_matching_loss(v, x0, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if log is not None and (step % 10 == 0 or step == 1):
+            log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    if log is not None:
+        log.close()
+    lora, rank, alpha, targets = adapter_lora(backend, name)
+    meta = dict(meta, data=data_stats, n_samples=len(prompts))
+    return save_lora_checkpoint(out, cfg.base, name, lora, rank, alpha, targets, meta)
+
+
+def standin_teacher(out: str | Path, task: str, base: str | Path = "base", rank: int = 8, scale: float = 0.02,
+                    seed: int = 0, targets: list[str] | None = None) -> Path:
+    """A development / test aid: a random LoRA perturbation of `base` saved in the layout of a GRPO
+    teacher (merged weights + adapters/<task>.safetensors, recipe tasks [task]). Not a teacher of
+    anything: it stands in for one while real teachers are being trained."""
+    backend = load_checkpoint(base)
+    backend.add_adapter(task, rank=rank, alpha=rank, targets=targets)
+    lora, r, alpha, tg = adapter_lora(backend, task)
+    g = torch.Generator().manual_seed(seed)
+    lora = {m: (torch.randn(A.shape, generator=g) / math.sqrt(A[0].numel()), scale * torch.randn(B.shape, generator=g))
+            for m, (A, B) in lora.items()}
+    meta = {"trainer": "standin", "recipe": {"tasks": [task], "seed": seed, "scale": scale}}
+    return save_lora_checkpoint(out, base, task, lora, r, alpha, tg, meta)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | None = None) -> Path:
+    """Run a cold start ('merge' or 'sft') from teacher checkpoints; write a checkpoint to `out`.
+
+    teachers: paths (a teacher's task is read from its recipe or adapter name), TASK=PATH items,
+    or a {task: path} mapping. Returns `out` (a checkpoint directory)."""
+    cfg = cfg or ColdStartConfig()
+    if method not in ("merge", "sft"):
+        raise ConfigError(f"unknown cold start method {method!r}; use 'merge' or 'sft'")
+    t0 = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ts = load_teachers(teachers, cfg.base)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coldstart.yaml").write_text(yaml.safe_dump(
+        {"method": method, "teachers": {k: str(t.path) for k, t in ts.items()}, **to_dict(cfg)}, sort_keys=False))
+    meta = {"trainer": "coldstart", "method": method, "teachers": {k: str(t.path) for k, t in ts.items()},
+            "kinds": {k: t.kind for k, t in ts.items()}, "recipe": to_dict(cfg)}
+    path = (merge if method == "merge" else sft)(ts, cfg, out, meta)
+    conf = json.loads((path / "config.json").read_text())
+    conf["meta"]["minutes"] = round((time.time() - t0) / 60, 2)
+    (path / "config.json").write_text(json.dumps(conf, indent=2))
+    return path
+
+
+def main_coldstart(method: str, teachers, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """CLI entry: `flowopd coldstart --method merge|sft --teachers DIR... --out DIR [key=value ...]`.
+    overrides: ColdStartConfig keys (e.g. ["sft_steps=300", "weights=[0.5,0.25,0.25]"])."""
+    cfg = build(ColdStartConfig, {}, overrides)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
+    return coldstart(method, teachers, out, cfg)

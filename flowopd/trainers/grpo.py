@@ -1,0 +1,455 @@
+"""Flow-GRPO: fine-tune a flow-matching model on a reward by group-relative policy optimisation.
+
+One trainer for both uses of stage 1 (DESIGN.md section 1):
+  - a *teacher*: prompts of one task, one reward (configs/toy_grpo_{compose,text,quality}.yaml);
+  - *GRPO-Mix*, the baseline Flow-OPD beats: prompts of all tasks in mixed batches, each sample
+    rewarded by its own task's reward with configurable weights (configs/toy_grpo_mix.yaml).
+
+The loop, top to bottom (each iteration of `train_grpo`):
+  1. rollout: P prompts x G trajectories with the SDE sampler (CFG as configured), every state and
+     log-prob kept (flowopd.rollout);
+  2. reward: decode the final states, score them (flowopd.rewards);
+  3. advantages: per-prompt group advantages (r - mean_group) / (std + 1e-4), std over the whole
+     batch by default, clipped to +-adv_clip;
+  4. update: for a random subset of the steps (timestep_fraction), recompute each transition's
+     log-prob under the current policy and minimise the clipped-ratio loss
+     mean(max(-A r, -A clip(r, 1-e, 1+e))) (+ kl_beta * KL to the reference = the base with the
+     adapter switched off); gradient accumulation over micro-batches; optional EMA;
+  5. log (JSONL always, tensorboard when installed; tqdm bar), checkpoint.
+
+The final model is a checkpoint directory loadable by `flowopd.backends.load_checkpoint`: the LoRA
+merged into full weights (model.safetensors) and, for LoRA runs, the adapter alone in
+adapters/<name>.safetensors with its rank, alpha, targets and base in config.json["adapters"],
+so the distillation stage can load several teachers as named adapters on one base
+(`load_adapter`).
+
+Departures from Flow-GRPO (and why):
+  - the toy configs use clip_range 0.2 instead of Flow-GRPO's 1e-4 and LoRA learning rates of
+    1e-3..2e-3 instead of 3e-4: the budget is a few dozen updates on a CPU. (The ratio is the
+    exp of a log-prob averaged over the 3072 pixel dimensions, so it stays within ~1e-2 of 1
+    even when the images change a lot; clipping rarely binds at 0.2.)
+  - optional SDE window (`sde_window`, `sde_window_starts`, `shared_noise`; in the spirit of
+    Flow-GRPO-Fast / MixGRPO): only k steps of each trajectory are stochastic, the rest are ODE
+    steps, only those k are trained, and the G samples of a prompt can share their initial noise
+    so that the group's reward spread comes from the trained steps alone. Measured on the toy
+    base (compose reward, 8 prompts x 16 samples): the cosine between the policy gradients of
+    two independent batches is ~0.09 with plain Flow-GRPO rollouts and ~0.14-0.35 with one SDE
+    step at step 0 or 1 and shared noise, at about a fifth of the training compute. The compose
+    and text teachers use it; the default (sde_window 0) is plain Flow-GRPO.
+  - `cfg: null` uses the checkpoint's sampling CFG (the one evaluation uses) in rollouts and in
+    training; the gradient flows through both the conditional and unconditional passes.
+  - all samples of a micro-batch train on the same randomly chosen steps (Flow-GRPO draws a
+    permutation per sample); the micro-batches reproduce the rollout's sampling chunks, so the
+    recomputed log-prob equals the stored one exactly before the first update (ratio exactly 1),
+    without a second "old log-prob" pass.
+  - the KL to the reference uses the exact per-step Gaussian KL averaged over dimensions by
+    default (kl_normalization="exact"); "flow_grpo" reproduces Flow-GRPO's code (no dt factor).
+  - rewards are computed on the CPU right after the rollout (no asynchronous reward workers).
+  - EMA (optional) is of the trainable parameters, updated after each optimizer step, and is what
+    the checkpoints hold; rollouts always use the live weights.
+  - no per-prompt stat tracker across steps (Flow-GRPO's optional `per_prompt_stat_tracking`
+    over a history): groups are the G samples of one prompt in the current batch.
+  - GRPO-Mix draws every batch with a fixed share of each task (mixed batches); Flow-GRPO's
+    multi-reward runs sum weighted rewards on every sample instead (`reward_mix` does that).
+  - LoRA targets include the U-Net's convolutions and FiLM layers (the toy backbone is a U-Net,
+    not a transformer).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from ..config import ConfigError, load, require, to_dict
+from ..losses import group_advantages, grpo_loss
+from ..flow import step_kl
+from ..rewards import get_reward, per_task, weighted_sum
+from ..rollout import Rollout, rollout, transition
+from ..world.prompts import TASKS, sample_prompt
+
+DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
+
+
+@dataclass
+class GRPOConfig:
+    # model
+    init: str = "base"               # checkpoint to fine-tune ('base' = the shipped base)
+    finetune: str = "lora"           # "lora" (an adapter over the frozen base) or "full"
+    lora_rank: int = 8
+    lora_alpha: float = 0.0          # 0: = lora_rank
+    adapter_name: str = ""           # "": the single task's name, or "mix"
+    # prompts and rewards
+    tasks: list[str] = field(default_factory=lambda: ["compose"])
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    reward: str = ""                 # one reward for every sample: a name or package.module:function
+    reward_mix: dict = field(default_factory=dict)    # reward name -> weight, summed on every sample
+    task_rewards: dict = field(default_factory=dict)  # task -> reward name (default: the task's own)
+    reward_weights: dict = field(default_factory=dict)  # task -> weight of its reward (per-task mode)
+    # rollouts
+    steps: int = 40                  # GRPO iterations (rollout + update)
+    prompts_per_step: int = 8        # P prompts per iteration
+    group_size: int = 8              # G samples per prompt
+    sample_steps: int = 10           # SDE steps of a rollout
+    cfg: float | None = None         # CFG scale in rollouts and in training (None: the checkpoint's)
+    noise_level: float = 0.7         # SDE noise level a
+    shift: float = 1.0               # time shift of the sigma grid
+    sampler: str = "sde"             # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    micro_batch: int = 32            # samples per forward (rollout chunks = training micro-batches)
+    sde_window: int = 0              # 0: every step is SDE (Flow-GRPO); k: k consecutive SDE steps, ODE elsewhere
+    sde_window_starts: list[int] = field(default_factory=list)  # where a window may start (default: anywhere)
+    shared_noise: bool = False       # the G samples of a prompt share the initial noise (branch at the window)
+    # update
+    timestep_fraction: float = 1.0   # share of the steps trained per iteration
+    inner_epochs: int = 1            # passes over each rollout
+    grad_accum: int = 1              # micro-batches per optimizer step
+    adv_std: str = "batch"           # "batch" (Flow-GRPO) or "group"
+    adv_clip: float = 5.0
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0             # weight of the KL to the reference (base, adapter off)
+    kl_normalization: str = "exact"  # "exact" or "flow_grpo" (see flow.step_kl)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0           # 0: no EMA; else the saved weights are the EMA
+    # bookkeeping
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0             # torch CPU threads (0: torch's default)
+    save_every: int = 0              # 0: only the final checkpoint
+    max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
+    log_every: int = 1
+
+    def validate(self):
+        require(self.finetune in ("lora", "full"), f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        require(self.lora_rank >= 1, "lora_rank must be >= 1")
+        require(self.lora_alpha >= 0, "lora_alpha must be >= 0")
+        require(len(self.tasks) >= 1, "tasks must name at least one task")
+        for t in self.tasks:
+            require(t in TASKS, f"unknown task {t!r}; tasks are {', '.join(TASKS)}")
+        for t, s in self.task_shares.items():
+            require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
+            require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        require(not (self.reward and self.reward_mix), "set either reward or reward_mix, not both")
+        for t in self.task_rewards:
+            require(t in self.tasks, f"task_rewards names {t!r}, which is not in tasks {self.tasks}")
+        require(self.steps >= 1, "steps must be >= 1")
+        require(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
+        require(self.group_size >= 2, "group_size must be >= 2 (advantages are relative to the group)")
+        require(self.sample_steps >= 1, "sample_steps must be >= 1")
+        require(self.cfg is None or self.cfg >= 0, "cfg must be >= 0")
+        require(self.noise_level > 0, "noise_level must be > 0")
+        require(self.shift > 0, "shift must be > 0")
+        require(self.sampler in ("sde", "cps"), f"sampler must be 'sde' or 'cps', got {self.sampler!r}")
+        require(self.micro_batch >= 1, "micro_batch must be >= 1")
+        require(0 <= self.sde_window <= self.sample_steps, "sde_window must be in [0, sample_steps]")
+        for j in self.sde_window_starts:
+            require(0 <= j <= self.sample_steps - max(1, self.sde_window),
+                    f"sde_window_starts: {j} leaves no room for a window of {self.sde_window} in {self.sample_steps} steps")
+        require(0 < self.timestep_fraction <= 1, "timestep_fraction must be in (0, 1]")
+        require(self.inner_epochs >= 1, "inner_epochs must be >= 1")
+        require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        require(self.adv_std in ("batch", "group"), f"adv_std must be 'batch' or 'group', got {self.adv_std!r}")
+        require(self.adv_clip > 0, "adv_clip must be > 0")
+        require(self.clip_range > 0, "clip_range must be > 0")
+        require(self.kl_beta >= 0, "kl_beta must be >= 0")
+        require(self.kl_normalization in ("exact", "flow_grpo"), "kl_normalization must be 'exact' or 'flow_grpo'")
+        require(not (self.kl_beta > 0 and self.finetune == "full"),
+                "kl_beta > 0 needs finetune=lora: the reference is the base with the adapter switched off")
+        require(self.lr > 0, "lr must be > 0")
+        require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(0 < self.adam_beta2 < 1, "adam_beta2 must be in (0, 1)")
+        require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
+        require(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        require(self.num_threads >= 0, "num_threads must be >= 0")
+        require(self.save_every >= 0 and self.max_minutes >= 0 and self.log_every >= 1,
+                "save_every and max_minutes must be >= 0, log_every >= 1")
+
+    # ---- derived -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.adapter_name or (self.tasks[0] if len(self.tasks) == 1 else "mix")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def rollout_budget(self) -> int:
+        """Total trajectories sampled by a run (what GRPO-Mix matches to the teachers' sum)."""
+        return self.steps * self.samples_per_step
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_reward_fn(cfg: GRPOConfig):
+    """reward(images, prompts, metadata) -> (B,): one reward, a weighted sum, or per task."""
+    if cfg.reward:
+        return get_reward(cfg.reward)
+    if cfg.reward_mix:
+        return weighted_sum(cfg.reward_mix)
+    tr = {t: cfg.task_rewards.get(t, DEFAULT_TASK_REWARDS[t]) for t in cfg.tasks}
+    return per_task(tr, cfg.reward_weights)
+
+
+def task_counts(cfg: GRPOConfig) -> dict[str, int]:
+    """How many of the P prompts of each batch come from each task (largest remainder)."""
+    shares = {t: float(cfg.task_shares.get(t, 1.0)) for t in cfg.tasks}
+    total = sum(shares.values())
+    if total <= 0:
+        raise ConfigError("task_shares must not all be 0")
+    exact = {t: cfg.prompts_per_step * s / total for t, s in shares.items()}
+    counts = {t: int(math.floor(x)) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: cfg.prompts_per_step - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+def draw_prompts(rng: random.Random, counts: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Training-split prompts for one batch -> (prompts, tasks), tasks in a shuffled order."""
+    tasks = [t for t, n in counts.items() for _ in range(n)]
+    rng.shuffle(tasks)
+    return [sample_prompt(rng, t, "train").text for t in tasks], tasks
+
+
+def merged_state_dict(backend) -> dict:
+    """Full weights of the base with the active LoRA merged in (the backend is left untouched)."""
+    if getattr(backend, "_peft", None) is None:
+        return backend.model.state_dict()
+    merged = copy.deepcopy(backend._peft).merge_and_unload()
+    return merged.state_dict()
+
+
+def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Path:
+    """Write a checkpoint: merged full weights (+ the adapter alone for LoRA runs)."""
+    from safetensors.torch import save_file
+
+    from ..backends import save_checkpoint
+
+    save_checkpoint(backend, out, meta, state_dict=merged_state_dict(backend))
+    if cfg.finetune == "lora":
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(backend._peft, adapter_name=cfg.name)
+        (out / "adapters").mkdir(exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()},
+                  str(out / "adapters" / f"{cfg.name}.safetensors"))
+        conf = json.loads((out / "config.json").read_text())
+        lc = backend._peft.peft_config[cfg.name]
+        conf["adapters"] = {cfg.name: {
+            "file": f"adapters/{cfg.name}.safetensors", "rank": int(lc.r), "alpha": float(lc.lora_alpha),
+            "targets": sorted(lc.target_modules), "base": str(cfg.init),
+            "note": "a LoRA over `base`; model.safetensors already holds it merged"}}
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
+    return out
+
+
+def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | None = None) -> str:
+    """Add the adapter saved in a GRPO checkpoint to `backend` (which must hold that adapter's
+    base weights) under `as_name` (default: its saved name); returns the name. It becomes active."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..backends import CheckpointError, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    adapters = json.loads((path / "config.json").read_text()).get("adapters") or {}
+    if not adapters:
+        raise CheckpointError(f"{path} holds no adapters (a full fine-tune: load it as a checkpoint)")
+    if name is None:
+        if len(adapters) != 1:
+            raise CheckpointError(f"{path} holds adapters {sorted(adapters)}; name one")
+        name = next(iter(adapters))
+    if name not in adapters:
+        raise CheckpointError(f"{path} has no adapter {name!r}; it has {sorted(adapters)}")
+    a = adapters[name]
+    as_name = as_name or name
+    backend.add_adapter(as_name, rank=int(a["rank"]), alpha=float(a["alpha"]), targets=list(a["targets"]))
+    res = set_peft_model_state_dict(backend._peft, load_file(str(path / a["file"])), adapter_name=as_name)
+    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+    if bad:
+        raise CheckpointError(f"{path}: adapter {name!r} does not fit this model ({bad[:2]})")
+    return as_name
+
+
+class _Logger:
+    """JSONL always; tensorboard too when it is installed."""
+
+    def __init__(self, out: Path):
+        self.f = open(out / "train_log.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, rec: dict):
+        self.f.write(json.dumps({"step": step, **rec}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
+    """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
+    from ..backends import load_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    backend = load_checkpoint(cfg.init, str(device))
+    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
+    if cfg.finetune == "lora":
+        backend.add_adapter(cfg.name, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank)
+    else:
+        backend.model.requires_grad_(True)
+    params = backend.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
+    reward_fn = make_reward_fn(cfg)
+    counts = task_counts(cfg)
+    logger = _Logger(out)
+
+    def window(rng) -> list[int] | None:
+        """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
+        if not cfg.sde_window:
+            return None
+        starts = cfg.sde_window_starts or list(range(cfg.sample_steps - cfg.sde_window + 1))
+        j0 = rng.choice(starts)
+        return list(range(j0, j0 + cfg.sde_window))
+
+    def save(name: str, step: int) -> Path:
+        if ema is not None:  # save the EMA weights, then put the live ones back
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, e in zip(params, ema):
+                    p.copy_(e)
+        meta = {"trainer": "grpo", "step": step, "minutes": round((time.time() - t0) / 60, 2),
+                "rollouts": step * cfg.samples_per_step, "recipe": to_dict(cfg)}
+        path = save_grpo_checkpoint(backend, out / name, cfg, meta)
+        if ema is not None:
+            with torch.no_grad():
+                for p, v in zip(params, live):
+                    p.copy_(v)
+        return path
+
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2)
+    step = 0
+    for step in bar:
+        t_step = time.time()
+        # 1. rollout: P prompts x G trajectories from the current policy, no gradients
+        prompts, tasks = draw_prompts(rng, counts)
+        ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
+                              noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
+                              micro_batch=cfg.micro_batch, generator=gen, sde_steps=window(rng),
+                              shared_noise=cfg.shared_noise)
+        t_roll = time.time() - t_step
+
+        # 2. reward: score the decoded final images
+        images = backend.decode(ro.final)
+        rewards = reward_fn(images, ro.prompts, ro.metadata)  # (B,)
+
+        # 3. advantages: per-prompt groups, std over the batch (or the group), clipped
+        adv = group_advantages(rewards, ro.group_ids, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
+
+        # 4. update: clipped-ratio loss on a random subset of the steps, accumulated over micro-batches
+        steps_all = ro.trainable_steps()
+        n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
+        stats, kls, n_opt = [], [], 0
+        for _ in range(cfg.inner_epochs):
+            train_steps = sorted(rng.sample(steps_all, n_train))
+            chunks = ro.chunks()
+            order = torch.randperm(len(chunks), generator=gen).tolist()
+            opt.zero_grad(set_to_none=True)
+            for k, ci in enumerate(order):
+                idx = chunks[ci]
+                n_in_group = min(cfg.grad_accum, len(chunks) - (k // cfg.grad_accum) * cfg.grad_accum)
+                for j in train_steps:
+                    tr = transition(backend, ro, idx, j)
+                    loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device),
+                                         cfg.clip_range)
+                    if cfg.kl_beta > 0:
+                        with torch.no_grad(), backend.adapter(None):
+                            ref = transition(backend, ro, idx, j)
+                        dt = ro.sigmas[j + 1] - ro.sigmas[j]
+                        kl = step_kl(tr.mean, ref.mean, tr.std, dt=dt, normalization=cfg.kl_normalization).mean()
+                        loss = loss + cfg.kl_beta * kl
+                        kls.append(kl.item())
+                    (loss / (len(train_steps) * n_in_group)).backward()
+                    stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
+                if (k + 1) % cfg.grad_accum == 0 or k == len(order) - 1:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    n_opt += 1
+                    if ema is not None:
+                        with torch.no_grad():
+                            for e, p in zip(ema, params):
+                                e.lerp_(p.detach(), 1 - cfg.ema_decay)
+
+        # 5. log, checkpoint
+        rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}
+        for t in dict.fromkeys(ro.tasks):
+            r_t = rewards[[i for i, s in enumerate(ro.tasks) if s == t]]
+            rec[f"reward/{t}"] = r_t.mean().item()
+            rec[f"reward_std/{t}"] = r_t.std(unbiased=False).item()
+        rec.update({
+            "loss": sum(s["loss"] for s in stats) / len(stats),
+            "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
+            "ratio_mean": sum(s["ratio_mean"] for s in stats) / len(stats),
+            "ratio_min": min(s["ratio_min"] for s in stats),
+            "ratio_max": max(s["ratio_max"] for s in stats),
+            "approx_kl": sum(s["approx_kl"] for s in stats) / len(stats),
+            "kl_ref": (sum(kls) / len(kls)) if kls else None,
+            "grad_norm": float(gnorm), "opt_steps": n_opt, "adv_abs": adv.abs().mean().item(),
+            "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
+            "min": round((time.time() - t0) / 60, 2),
+        })
+        if step % cfg.log_every == 0 or step == 1:
+            logger.log(step, rec)
+        bar.set_postfix(r=f"{rec['reward']:.3f}", clip=f"{rec['clip_frac']:.2f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save(f"step_{step:06d}", step)
+        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            bar.write(f"time limit reached at step {step}")
+            break
+    final = save("final", step)
+    logger.close()
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
+                                                   "rollouts": step * cfg.samples_per_step, "name": cfg.name}))
+    return final
+
+
+def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """CLI entry: `flowopd grpo --config FILE --out DIR [key=value ...]` -> the final checkpoint."""
+    cfg = load(GRPOConfig, config_path, overrides)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
+    return train_grpo(cfg, out)

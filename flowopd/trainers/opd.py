@@ -1,0 +1,496 @@
+"""Flow-OPD: on-policy distillation of several task teachers into one student, with MAR.
+
+Stage 2 of the method (DESIGN.md sections 1-2). Everything lives on ONE frozen base model:
+  - the teachers are named LoRA adapters on it (one per task: `compose`, `text`, `quality`, ...;
+    full fine-tuned teachers are dense weight deltas swapped in for their sub-batch);
+  - the student is the LoRA adapter `student` on it, initialised from the cold start: the merge
+    cold start of LoRA teachers is the exact concatenated LoRA (rank = sum of the teachers'
+    ranks), so the student starts at base + mean(teacher deltas) exactly; the SFT cold start is a
+    LoRA on the same base, loaded as is; a dense cold start (a teacher was a full fine-tune) is
+    fit by a truncated SVD at rank `student_rank` (an approximation; logged);
+  - the MAR anchor is the base with adapters off (`anchor: base`), any teacher (`anchor:
+    quality`), or a frozen copy of the student's initial adapter (`anchor: init`).
+
+The loop, top to bottom (each iteration of `train_opd`):
+  1. rollout: prompts of every task in one mixed batch, SDE trajectories from the student
+     (flowopd.rollout; CFG as configured), every state kept;
+  2. reward: decode the final states and score them with the teachers' task rewards: logged
+     (never trained on) and, for `routing: reward|soft`, used to route (flowopd.routing);
+  3. route: W (B, K), each sample's weights over the K teachers (task tag by default);
+  4. update: for a random subset of the steps (timestep_fraction) and every micro-batch, the
+     routed teachers compute their transition means at the student's own states, batched per
+     teacher (TeacherBank.means), and the student minimises
+       direct:  mean_k KL(student_k || teacher_k)     (closed form, gradient through its mean)
+       pg:      the clipped-ratio loss of GRPO with the per-step advantage
+                A_k = -(log pi_s(x_k+1 | x_k) - log pi_t(x_k+1 | x_k)), detached (see below)
+     plus MAR  beta * KL(student_k || anchor_k) on every sample (a direct term in both rules);
+     the steps are drawn once per rollout and teacher / anchor means are computed once and reused
+     by every inner epoch (they depend on the stored states only);
+  5. log per task (KL to its teacher, MAR KL, rewards, routing shares) to JSONL (+ tensorboard
+     when installed), tqdm bar; checkpoint (merged full weights + adapters/student.safetensors).
+
+Departures from the paper / DESIGN.md (and why):
+  - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
+    depends only on the state x_k, not on the action x_k+1, so E[A_k grad log pi(x_k+1|x_k)] =
+    A_k E[grad log pi] = 0: its policy gradient is zero in expectation (pure noise). We use the
+    single-sample estimate of the same KL at the sampled action, the per-token reverse-KL
+    advantage of on-policy distillation for LLMs: A_k = -(log pi_s - log pi_t)(x_k+1) (full
+    log-densities; the ratio uses Flow-GRPO's per-dimension mean log-probs), whose mean over
+    x_k+1 is -KL_k and whose expected policy gradient is exactly the direct rule's (`pg_advantage:
+    sample`). `centered` (default) subtracts the closed-form KL, a baseline that depends on the
+    state only: same expected gradient, much less variance (for D = 3072 dimensions the KL part of
+    the sampled log-ratio is D * KL_k, pure noise for the policy gradient; with it, `sample`
+    diverged in our runs). `closed_form` is DESIGN.md's literal rule, kept for the comparison.
+  - The default rule is `direct` (measured: see the configs and the issue note): it is the exact
+    gradient of the same objective, without the sampling noise of the score-function estimator.
+  - Step KLs use flow.step_kl with normalization "exact" (the true Gaussian KL per dimension; it
+    weights low-noise steps more); "flow_grpo" reproduces Flow-GRPO's code (no dt).
+  - MAR is a direct KL term in both rules (as Flow-GRPO's KL penalty), not folded into advantages.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from ..config import ConfigError, build, load_yaml, require, to_dict
+from ..flow import step_kl
+from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
+from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route, score_all
+from ..rollout import Rollout, rollout, transition
+from ..world.prompts import TASKS, sample_prompt
+from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
+                        load_teachers, lora_modules_of, read_teacher, resolve_teacher_dir,
+                        save_lora_checkpoint, svd_lora)
+
+STUDENT = "student"
+
+
+@dataclass
+class OPDConfig:
+    # models
+    base: str = "base"               # the frozen base every teacher, the student and the anchor share
+    teachers: dict = field(default_factory=dict)  # task -> teacher checkpoint (a GRPO run's --out or its final/)
+    init: str = "merge"              # cold start: "merge" | "sft" (run now, into out/coldstart) | "none" | a checkpoint dir
+    coldstart: dict = field(default_factory=dict)  # ColdStartConfig overrides for init merge|sft
+    student_rank: int = 24           # LoRA rank of the student when init is "none" or a dense checkpoint
+    # prompts
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    task_rewards: dict = field(default_factory=dict)  # task -> reward name (default: the task's own)
+    # routing
+    routing: str = "task"            # "task" | "reward" | "soft"
+    reward_scale: str = "zscore"     # "zscore" | "rank" | "raw" (reward and soft routing)
+    soft_temperature: float = 0.5
+    # update rule
+    rule: str = "direct"             # "direct" | "pg"
+    pg_advantage: str = "centered"   # "centered" | "sample" | "closed_form" (see the module doc)
+    clip_range: float = 0.05         # pg: clipped ratio range
+    kl_normalization: str = "exact"  # "exact" | "flow_grpo" (flow.step_kl)
+    step_weighting: str = "kl"       # "kl": the per-step KLs as they are | "velocity": each step's KL
+                                     # divided by its KL per unit velocity error (see step_weights)
+    # MAR
+    beta: float = 0.0                # weight of KL(student || anchor); 0: off
+    anchor: str = "base"             # "base" (adapters off) | "init" (the cold start, frozen) | a teacher's task
+    log_anchor_kl: bool = True       # compute (and log) the anchor KL even when beta = 0
+    # rollouts
+    steps: int = 12                  # OPD iterations (rollout + update)
+    prompts_per_step: int = 12       # P prompts per iteration, split over the tasks
+    group_size: int = 2              # samples per prompt
+    sample_steps: int = 10           # SDE steps of a rollout
+    cfg: float | None = None         # CFG scale of rollouts and training, teachers' too (None: the base's own)
+    noise_level: float = 0.7
+    shift: float = 1.0
+    sampler: str = "sde"             # "sde" | "cps"
+    micro_batch: int = 12            # samples per forward (rollout chunks = training micro-batches)
+    timestep_fraction: float = 0.5   # share of the steps trained per rollout (drawn once per rollout)
+    inner_epochs: int = 2            # passes over those steps (teacher targets are computed once, cached)
+    grad_accum: int = 1              # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # bookkeeping
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0             # torch CPU threads (0: torch's default)
+    save_every: int = 0              # 0: only the final checkpoint
+    max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
+    log_every: int = 1
+
+    def validate(self):
+        require(len(self.teachers) >= 1, "teachers must map at least one task to a checkpoint")
+        for t in self.tasks:
+            require(t in TASKS, f"unknown task {t!r}; tasks are {', '.join(TASKS)}")
+        require(len(self.tasks) >= 1, "tasks must name at least one task")
+        for t, s in self.task_shares.items():
+            require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
+            require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        require(self.routing in ROUTING_MODES, f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.routing == "task":
+            for t in self.tasks:
+                require(t in self.teachers, f"routing 'task' needs a teacher for task {t!r} (teachers: {sorted(self.teachers)})")
+        require(self.reward_scale in REWARD_SCALES, f"reward_scale must be one of {REWARD_SCALES}")
+        require(self.soft_temperature > 0, "soft_temperature must be > 0")
+        require(self.rule in ("direct", "pg"), f"rule must be 'direct' or 'pg', got {self.rule!r}")
+        require(self.pg_advantage in ("sample", "centered", "closed_form"),
+                f"pg_advantage must be sample, centered or closed_form, got {self.pg_advantage!r}")
+        require(self.clip_range > 0, "clip_range must be > 0")
+        require(self.kl_normalization in ("exact", "flow_grpo"), "kl_normalization must be 'exact' or 'flow_grpo'")
+        require(self.step_weighting in ("kl", "velocity"), "step_weighting must be 'kl' or 'velocity'")
+        require(self.beta >= 0, "beta must be >= 0")
+        require(self.anchor in ("base", "init") or self.anchor in self.teachers,
+                f"anchor must be 'base', 'init' or a teacher's task ({sorted(self.teachers)}), got {self.anchor!r}")
+        require(not (self.anchor == "init" and self.init == "none"), "anchor 'init' needs a cold start (init)")
+        require(self.student_rank >= 1, "student_rank must be >= 1")
+        require(self.steps >= 1 and self.prompts_per_step >= 1 and self.group_size >= 1, "steps, prompts_per_step, group_size must be >= 1")
+        require(self.sample_steps >= 1, "sample_steps must be >= 1")
+        require((self.cfg is None or self.cfg >= 0) and self.noise_level > 0 and self.shift > 0,
+                "cfg >= 0, noise_level > 0, shift > 0")
+        require(self.num_threads >= 0, "num_threads must be >= 0")
+        require(self.sampler in ("sde", "cps"), f"sampler must be 'sde' or 'cps', got {self.sampler!r}")
+        require(self.micro_batch >= 1 and self.grad_accum >= 1 and self.inner_epochs >= 1, "micro_batch, grad_accum, inner_epochs must be >= 1")
+        require(0 < self.timestep_fraction <= 1, "timestep_fraction must be in (0, 1]")
+        require(self.lr > 0, "lr must be > 0")
+        for k in self.coldstart:
+            require(k in ColdStartConfig.__dataclass_fields__, f"unknown coldstart key {k!r}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
+    """How many of the n prompts of each batch come from each task (largest remainder)."""
+    s = {t: float(shares.get(t, 1.0)) for t in tasks}
+    total = sum(s.values())
+    if total <= 0:
+        raise ConfigError("task_shares must not all be 0")
+    exact = {t: n * v / total for t, v in s.items()}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+def draw_prompts(rng: random.Random, counts: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Train-split prompts of every task, shuffled into one mixed batch -> (prompts, tasks)."""
+    tasks = [t for t, n in counts.items() for _ in range(n)]
+    rng.shuffle(tasks)
+    return [sample_prompt(rng, t, "train").text for t in tasks], tasks
+
+
+def sampled_log_ratio(x_next, mean_s, mean_t, step_std, dt, normalization: str = "exact"):
+    """Single-sample estimate of the per-step KL at the sampled action, (B,):
+        log pi_s(x_next) - log pi_t(x_next) = mean_dims ((x_next - mean_t)^2 - (x_next - mean_s)^2) / (2 std^2)
+    (both Gaussians share the std). Its mean over x_next ~ pi_s is step_kl(mean_s, mean_t) with the
+    same normalization ("flow_grpo" multiplies by -dt)."""
+    diff = ((x_next - mean_t) ** 2 - (x_next - mean_s) ** 2) / (2 * step_std**2)
+    lr = diff.flatten(1).mean(1)
+    return lr * -dt if normalization == "flow_grpo" else lr
+
+
+def step_weights(sigmas, steps: list[int], noise_level: float, method: str = "sde", normalization: str = "exact",
+                 mode: str = "kl") -> dict[int, float]:
+    """Weight of each trained step's loss. "kl": 1. "velocity": (1 / c_j) / mean_k(1 / c_k), where c_j
+    is the step's KL per unit of mean squared velocity difference (the KL between the transitions of
+    v = 1 and v = 0 from one state): every step then counts its velocity error alike, and the weights
+    average to 1. With the exact KL, c_j grows from ~0.013 at sigma = 1 to ~1.6 at the last step of a
+    10-step grid, so unweighted KLs all but ignore the high-noise steps that lay out the image."""
+    if mode == "kl":
+        return {j: 1.0 for j in steps}
+    from ..rollout import STEP_FNS
+
+    c = {}
+    for j in steps:
+        x = torch.zeros(1, 1, dtype=torch.float64)
+        s, s_next = float(sigmas[j]), float(sigmas[j + 1])
+        one = STEP_FNS[method](x, torch.ones_like(x), s, s_next, noise_level)
+        zero = STEP_FNS[method](x, torch.zeros_like(x), s, s_next, noise_level)
+        c[j] = float(step_kl(one.mean, zero.mean, one.std, dt=s_next - s, normalization=normalization))
+    inv = {j: 1.0 / c[j] for j in steps}
+    mean_inv = sum(inv.values()) / len(inv)
+    return {j: inv[j] / mean_inv for j in steps}
+
+
+def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, step_std, dt, *,
+                  pg_advantage: str = "sample", clip_range: float = 0.05, normalization: str = "exact",
+                  weight: float = 1.0):
+    """The distillation loss of one step for a micro-batch. -> (loss, kl (b,) detached, stats).
+
+    direct: mean_b KL(student || target) (flow.step_kl), gradient through the student mean.
+    pg:     grpo_loss(log_prob_s, old_log_prob, A) with A = -D * (sampled log-ratio) ("sample"),
+            -D * (sampled log-ratio - KL) ("centered") or -D * KL ("closed_form"), detached; D = the
+            number of dimensions (log-ratio and KL here are per dimension, A is the full log-ratio)."""
+    kl = step_kl(mean_s, target.detach(), step_std, dt=dt, normalization=normalization)  # (b,)
+    if rule == "direct":
+        return weight * opd_direct_loss(mean_s, target, step_std, dt=dt, normalization=normalization), kl.detach(), {}
+    est = sampled_log_ratio(x_next, mean_s.detach(), target.detach(), step_std, dt, normalization)  # (b,)
+    signal = {"sample": est, "centered": est - kl.detach(), "closed_form": kl}[pg_advantage]
+    # log-probs are averaged over the D dimensions (Flow-GRPO), so the ratio's gradient is 1/D of the
+    # full log-prob's; the advantage is the full log-ratio (D times the per-dimension one) so that the
+    # expected surrogate gradient is exactly the direct rule's gradient of step_kl (beta means the same)
+    D = mean_s[0].numel()
+    loss, st = grpo_loss(log_prob_s, old_log_prob, opd_pg_advantages(weight * D * signal), clip_range)
+    return loss, kl.detach(), st
+
+
+class _Logger:
+    """JSONL always; tensorboard too when it is installed."""
+
+    def __init__(self, out: Path):
+        self.f = open(out / "train_log.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, rec: dict):
+        self.f.write(json.dumps({"step": step, **rec}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def setup_models(cfg: OPDConfig, out: Path):
+    """Base + teacher adapters + student adapter (+ init anchor) on one backend.
+    -> (backend, bank, teacher names, student params, init info)."""
+    from ..backends import load_checkpoint
+
+    backend = load_checkpoint(cfg.base, cfg.device)
+    teachers = load_teachers(cfg.teachers, cfg.base)
+    bank = TeacherBank(backend)
+    names = list(teachers)
+    # the student's starting point (the cold start), as a LoRA on the same base
+    info = {"init": cfg.init}
+    cs = None
+    if cfg.init in ("merge", "sft"):
+        cs_cfg = build(ColdStartConfig, {"seed": cfg.seed, "num_threads": cfg.num_threads, **cfg.coldstart,
+                                         "base": cfg.base, "device": cfg.device})
+        cs = coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg)
+    elif cfg.init != "none":
+        cs = resolve_teacher_dir(cfg.init)
+    for name in names:  # teachers first; the student is made active last
+        bank.add(name, teachers[name])
+    if cs is None:
+        backend.add_adapter(STUDENT, rank=cfg.student_rank, alpha=cfg.student_rank)
+    else:
+        init = read_teacher(cs, cfg.base, name=None)
+        info["coldstart"] = str(cs)
+        if init.kind == "lora":
+            lora, rank, alpha, targets = init.lora, init.rank, init.alpha, init.targets
+        else:
+            from ..backends.tiny import LORA_TARGETS
+
+            targets = list(LORA_TARGETS)
+            lora, resid = svd_lora(init.dense, lora_modules_of(backend, targets), cfg.student_rank)
+            rank, alpha = cfg.student_rank, float(cfg.student_rank)
+            other = [k for k in init.dense if k[: -len(".weight")] not in lora]
+            info["svd_residual"] = resid
+            warnings.warn(f"cold start {cs} is dense: student LoRA fit by SVD at rank {rank} "
+                          f"(relative residual {resid:.3f}; {len(other)} other changed tensors dropped)")
+        if cfg.anchor == "init":
+            attach_lora(backend, "init", lora, rank, alpha, targets)
+        attach_lora(backend, STUDENT, lora, rank, alpha, targets)
+    backend.set_adapter(STUDENT)
+    params = [p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return backend, bank, names, params, info
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
+    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
+    from ..rewards import get_reward
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    backend, bank, names, params, info = setup_models(cfg, out)
+    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
+    reward_names = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
+    missing = [t for t in names if t not in reward_names]
+    if missing:
+        raise ConfigError(f"no reward for teacher task(s) {missing}; set task_rewards")
+    reward_fns = {t: get_reward(reward_names[t]) for t in names}
+    scaler = RewardScaler(len(names), cfg.reward_scale)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
+    anchor = None if cfg.anchor == "base" else cfg.anchor
+    use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
+    logger = _Logger(out)
+    logger.log(0, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
+                   "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
+
+    def save(name: str, step: int) -> Path:
+        lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
+        meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
+                "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
+        return save_lora_checkpoint(out / name, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2)
+    step = 0
+    for step in bar:
+        t_step = time.time()
+        # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories
+        prompts, tasks = draw_prompts(rng, counts)
+        ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
+                              noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
+                              micro_batch=cfg.micro_batch, generator=gen)
+        t_roll = time.time() - t_step
+
+        # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on)
+        images = backend.decode(ro.final)
+        rewards = score_all(reward_fns, images, ro.prompts, names)  # (B, K), NaN where unreadable
+
+        # 3. route: weights (B, K) over the teachers
+        scaled = scaler(rewards) if cfg.routing != "task" else None
+        W = route(cfg.routing, ro.tasks, names, scaled, cfg.soft_temperature)  # (B, K)
+
+        # 4. update: per-step KL to the routed teachers (+ MAR) on a subset of the steps
+        steps_all = ro.trainable_steps()
+        n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
+        w_step = step_weights(ro.sigmas, steps_all, cfg.noise_level, cfg.sampler, cfg.kl_normalization, cfg.step_weighting)
+        B = len(ro)
+        kl_sum, kl_n = torch.zeros(B), torch.zeros(B)
+        mar_sum, mar_n = torch.zeros(B), torch.zeros(B)
+        cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
+        stats, n_opt, gnorm = [], 0, 0.0
+        chunks = ro.chunks()
+        train_steps = sorted(rng.sample(steps_all, n_train))  # the same steps in every inner epoch
+        for _ in range(cfg.inner_epochs):
+            order = torch.randperm(len(chunks), generator=gen).tolist()
+            opt.zero_grad(set_to_none=True)
+            for k, ci in enumerate(order):
+                idx = chunks[ci]
+                n_in_group = min(cfg.grad_accum, len(chunks) - (k // cfg.grad_accum) * cfg.grad_accum)
+                for j in train_steps:
+                    # teachers (and the anchor) at the student's own states, no gradients, cached
+                    if (ci, j) not in cache:
+                        target = bank.means(ro, idx, j, W[idx], names)
+                        anc = None
+                        if use_anchor:
+                            with torch.no_grad(), bank.use(anchor):
+                                anc = transition(backend, ro, idx, j).mean
+                        cache[(ci, j)] = (target, anc)
+                    target, anc = cache[(ci, j)]
+                    # the student's transition, with gradients
+                    tr = transition(backend, ro, idx, j)
+                    dt = float(ro.sigmas[j + 1] - ro.sigmas[j])
+                    loss, kl, st = opd_step_loss(cfg.rule, tr.mean, tr.log_prob, ro.log_probs[idx, j].to(device),
+                                                 tr.sample, target, tr.std, dt, pg_advantage=cfg.pg_advantage,
+                                                 clip_range=cfg.clip_range, normalization=cfg.kl_normalization,
+                                                 weight=w_step[j])
+                    kl_sum[idx] += kl.cpu()
+                    kl_n[idx] += 1
+                    if anc is not None:
+                        mar_kl = step_kl(tr.mean.detach(), anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
+                        mar_sum[idx] += mar_kl.cpu()
+                        mar_n[idx] += 1
+                        if cfg.beta > 0:
+                            loss = loss + w_step[j] * mar_loss(tr.mean, anc, tr.std, cfg.beta, dt=dt,
+                                                               normalization=cfg.kl_normalization)
+                    (loss / (len(train_steps) * n_in_group)).backward()
+                    stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
+                if (k + 1) % cfg.grad_accum == 0 or k == len(order) - 1:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    n_opt += 1
+
+        # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint
+        rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": gnorm, "opt_steps": n_opt}
+        if cfg.rule == "pg":
+            for key in ("clip_frac", "ratio_mean", "approx_kl"):
+                rec[key] = sum(s[key] for s in stats) / len(stats)
+        kl_i, mar_i = kl_sum / kl_n.clamp_min(1), mar_sum / mar_n.clamp_min(1)
+        rec["kl_teacher"] = kl_i.mean().item()
+        if mar_n.sum() > 0:
+            rec["kl_anchor"] = mar_i.mean().item()
+        for t in dict.fromkeys(ro.tasks):
+            rows = [i for i, s in enumerate(ro.tasks) if s == t]
+            rec[f"kl_teacher/{t}"] = kl_i[rows].mean().item()
+            if mar_n.sum() > 0:
+                rec[f"kl_anchor/{t}"] = mar_i[rows].mean().item()
+            if t in names:
+                r = rewards[rows, names.index(t)]
+                rec[f"reward/{t}"] = r[~torch.isnan(r)].mean().item()
+            if cfg.routing != "task":
+                for kk, n in enumerate(names):
+                    rec[f"route/{t}->{n}"] = W[rows, kk].mean().item()
+        if cfg.routing != "task" and cfg.reward_scale == "zscore":
+            rec["reward_stats"] = {n: [round(m, 4), round(s, 4)] for n, m, s in
+                                   zip(names, scaler.state()["mean"], scaler.state()["std"])}
+        rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
+                    "min": round((time.time() - t0) / 60, 2)})
+        if step % cfg.log_every == 0 or step == 1:
+            logger.log(step, rec)
+        bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save(f"step_{step:06d}", step)
+        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            bar.write(f"time limit reached at step {step}")
+            break
+    final = save("final", step)
+    logger.close()
+    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
+                                                   "rule": cfg.rule, "routing": cfg.routing, "beta": cfg.beta}))
+    return final
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def split_dotted(data: dict, overrides: list[str] | None, dict_keys=("teachers", "task_shares", "task_rewards", "coldstart")):
+    """Fold `teachers.compose=DIR`-style overrides into the mapping fields; return the rest."""
+    rest = []
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides or []:
+        k, sep, v = item.lstrip("-").partition("=")
+        head, dot, sub = k.partition(".")
+        if sep and dot and head.replace("-", "_") in dict_keys:
+            head = head.replace("-", "_")
+            data.setdefault(head, {})
+            data[head][sub] = yaml.safe_load(v) if head != "teachers" else v
+        else:
+            rest.append(item)
+    return data, rest
+
+
+def load_config(config_path: str | Path | None, overrides: list[str] | None = None) -> OPDConfig:
+    """OPDConfig from a YAML file plus key=value overrides (`teachers.text=DIR` sets one teacher)."""
+    data, rest = split_dotted(load_yaml(config_path) if config_path else {}, overrides)
+    return build(OPDConfig, data, rest)
+
+
+def main_distill(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """CLI entry: `flowopd distill --config FILE --out DIR [key=value ...]` -> the final checkpoint."""
+    cfg = load_config(config_path, overrides)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
+    return train_opd(cfg, out)

@@ -1,0 +1,212 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from flowopd.backends.tiny import TinyBackend, load_checkpoint, save_checkpoint
+from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+from flowopd.config import ConfigError, build
+from flowopd.losses import group_advantages, grpo_loss
+from flowopd.rollout import rollout, transition
+from flowopd.trainers.grpo import GRPOConfig, load_adapter, main_grpo, task_counts, train_grpo
+
+
+def _tiny_model(seed: int = 0) -> TinyUNet:
+    """A tiny random U-Net whose zero-initialised output layers are perturbed (so every layer
+    gets a gradient)."""
+    torch.manual_seed(seed)
+    m = TinyUNet(TinyConfig(channels=(8, 8, 8), text_dim=16))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    save_checkpoint(TinyBackend(_tiny_model(), "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0}), path)
+    return path
+
+
+def _rollout(backend, method="sde", cfg=2.0, micro_batch=4):
+    gen = torch.Generator().manual_seed(0)
+    return rollout(backend, ["a red square", 'a sign that says "K7"'], ["compose", "text"], 3, steps=4,
+                   cfg=cfg, noise_level=0.7, method=method, micro_batch=micro_batch, generator=gen)
+
+
+def test_rollout_shapes_and_groups(tiny_ckpt):
+    ro = _rollout(load_checkpoint(tiny_ckpt))
+    assert ro.xs.shape == (6, 5, 3, 32, 32) and ro.log_probs.shape == (6, 4) and ro.sigmas.shape == (5,)
+    assert ro.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ro.tasks == ["compose"] * 3 + ["text"] * 3 and ro.prompts[3] == 'a sign that says "K7"'
+    assert [m["task"] for m in ro.metadata] == ro.tasks
+    assert [c.tolist() for c in ro.chunks()] == [[0, 1, 2, 3], [4, 5]]
+    assert not torch.equal(ro.xs[0, -1], ro.xs[1, -1])  # G different samples of one prompt
+
+
+@pytest.mark.parametrize("method", ["sde", "cps"])
+@pytest.mark.parametrize("use_adapter", [False, True])
+def test_recomputed_log_prob_matches_sampling(tiny_ckpt, method, use_adapter):
+    backend = load_checkpoint(tiny_ckpt)
+    if use_adapter:
+        backend.add_adapter("t", rank=4, init=False)  # a non-zero adapter
+    ro = _rollout(backend, method)
+    for idx in ro.chunks():  # same batches as sampling, float32
+        for j in ro.trainable_steps():
+            tr = transition(backend, ro, idx, j)  # with gradients enabled, as in training
+            assert tr.log_prob.dtype == torch.float32
+            assert torch.allclose(tr.log_prob, ro.log_probs[idx, j], atol=1e-5, rtol=0)
+            assert torch.equal(tr.sample, ro.xs[idx, j + 1])
+    if method == "cps":
+        assert ro.trainable_steps() == [0, 1, 2]  # the last CPS step is deterministic
+
+
+def test_sde_window_and_shared_noise(tiny_ckpt):
+    """One SDE step (step 1), ODE elsewhere, the group branching from a shared noise."""
+    backend = load_checkpoint(tiny_ckpt)
+    gen = torch.Generator().manual_seed(0)
+    ro = rollout(backend, ["a red square", "two circles"], ["compose", "compose"], 3, steps=4, cfg=2.0,
+                 micro_batch=4, generator=gen, sde_steps=[1], shared_noise=True)
+    assert ro.trainable_steps() == [1] and ro.sde_steps == [1]
+    assert torch.equal(ro.log_probs[:, [0, 2, 3]], torch.zeros(6, 3)) and (ro.log_probs[:, 1] != 0).all()
+    for g in (slice(0, 3), slice(3, 6)):  # the group shares its states up to the SDE step, then branches
+        assert torch.equal(ro.xs[g, :2], ro.xs[g][:1, :2].expand(3, -1, -1, -1, -1))
+        assert not torch.equal(ro.xs[g][0, 2], ro.xs[g][1, 2])
+    assert not torch.equal(ro.xs[0, 0], ro.xs[3, 0])
+    for idx in ro.chunks():
+        tr = transition(backend, ro, idx, 1)
+        assert torch.allclose(tr.log_prob, ro.log_probs[idx, 1], atol=1e-5, rtol=0)
+
+
+def test_first_update_ratio_is_exactly_one(tiny_ckpt):
+    backend = load_checkpoint(tiny_ckpt)
+    backend.add_adapter("t", rank=4)
+    ro = _rollout(backend)
+    adv = torch.randn(len(ro))
+    idx = ro.chunks()[0]
+    for j in ro.trainable_steps():
+        tr = transition(backend, ro, idx, j)
+        ratio = torch.exp(tr.log_prob - ro.log_probs[idx, j])
+        assert torch.equal(ratio, torch.ones_like(ratio))
+        for eps in (1e-4, 0.2):
+            loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j], adv[idx], eps)
+            unclipped = (-adv[idx] * ratio).mean()
+            assert torch.equal(loss, unclipped) and st["clip_frac"] == 0
+            assert st["ratio_min"] == st["ratio_max"] == 1
+
+
+def test_equal_rewards_give_zero_advantages():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 0.2, 0.9])
+    gid = torch.arange(2).repeat_interleave(4)
+    for scope in ("batch", "group"):
+        adv = group_advantages(rewards, gid, std_scope=scope)
+        assert torch.equal(adv[:4], torch.zeros(4)) and (adv[4:] != 0).all()
+
+
+def test_windowed_grpo_run(tiny_ckpt, tmp_path):
+    cfg = _cfg(tiny_ckpt, sde_window=1, sde_window_starts=[0, 1], shared_noise=True, steps=2)
+    train_grpo(cfg, tmp_path / "win")
+    log = [json.loads(line) for line in (tmp_path / "win" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["opt_steps"] == 2 for r in log)
+
+
+def _cfg(init, **kw):
+    base = dict(init=str(init), tasks=["quality"], steps=1, prompts_per_step=2, group_size=4, sample_steps=3,
+                micro_batch=4, cfg=2.0, clip_range=0.5, lr=1e-2, grad_accum=1)
+    base.update(kw)
+    return build(GRPOConfig, base)
+
+
+def test_grpo_step_changes_every_trainable_parameter_and_only_those(tiny_ckpt, tmp_path, monkeypatch):
+    """One GRPO iteration (rollout, reward, 2 optimizer steps over 2 micro-batches). LoRA's B starts
+    at 0, so its A only gets a gradient from the second optimizer step on."""
+    import flowopd.backends as backends
+
+    captured = {}
+    real_load = backends.load_checkpoint
+
+    def spy_load(*a, **k):  # record the backend and every parameter right after the adapter is added
+        b = real_load(*a, **k)
+        real_add = b.add_adapter
+
+        def add_adapter(*aa, **kk):
+            real_add(*aa, **kk)
+            captured["init"] = {n: p.detach().clone() for n, p in b.net.named_parameters()}
+
+        b.add_adapter = add_adapter
+        captured["backend"] = b
+        return b
+
+    monkeypatch.setattr(backends, "load_checkpoint", spy_load)
+    cfg = _cfg(tiny_ckpt, kl_beta=0.1)
+    final = train_grpo(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    b, init = captured["backend"], captured["init"]
+    trained = dict(b.net.named_parameters())
+    lora = [n for n, p in trained.items() if p.requires_grad]
+    assert lora and all("lora_" in n for n in lora)
+    assert len(lora) == len(b.trainable_parameters())
+    for n in lora:
+        assert not torch.equal(trained[n], init[n]), f"{n} did not change"
+    for n, p in trained.items():  # the base weights are untouched
+        if not p.requires_grad:
+            assert torch.equal(p, init[n]), f"frozen {n} changed"
+    # the merged checkpoint equals base + adapter
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["opt_steps"] == 2 and log[0]["ratio_min"] <= 1 and "reward/quality" in log[0]
+    assert log[0]["kl_ref"] is not None
+    merged = load_checkpoint(final)
+    on_base = load_checkpoint(tiny_ckpt)
+    assert load_adapter(on_base, final, as_name="teacher") == "teacher"
+    x, s = torch.randn(2, 3, 32, 32), torch.full((2,), 0.6)
+    c = merged.encode_prompts(["a red square", None])
+    with torch.no_grad():
+        assert torch.allclose(merged.velocity(x, s, c), b.velocity(x, s, c), atol=1e-5)
+        assert torch.allclose(on_base.velocity(x, s, c), b.velocity(x, s, c), atol=1e-5)
+        with on_base.adapter(None):
+            assert not torch.allclose(on_base.velocity(x, s, c), b.velocity(x, s, c), atol=1e-5)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["tasks"] == ["quality"] and written["kl_beta"] == 0.1
+
+
+def test_full_finetune_changes_all_weights(tiny_ckpt, tmp_path):
+    final = train_grpo(_cfg(tiny_ckpt, finetune="full", micro_batch=8, lr=1e-3), tmp_path / "full")
+    before, after = load_checkpoint(tiny_ckpt).model.state_dict(), load_checkpoint(final).model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * len(before)
+    assert not (final / "adapters").exists()
+
+
+def test_mix_batches_and_main_entry(tiny_ckpt, tmp_path):
+    cfg_file = tmp_path / "mix.yaml"
+    cfg_file.write_text(yaml.safe_dump(dict(init=str(tiny_ckpt), tasks=["compose", "text", "quality"],
+                                            prompts_per_step=3, group_size=2, sample_steps=2, micro_batch=6,
+                                            steps=1, timestep_fraction=0.5, ema_decay=0.9)))
+    final = main_grpo(cfg_file, tmp_path / "mix", ["clip_range=0.1"])
+    rec = json.loads((tmp_path / "mix" / "train_log.jsonl").read_text().splitlines()[0])
+    assert {"reward/compose", "reward/text", "reward/quality", "clip_frac", "ratio_mean"} <= set(rec)
+    assert json.loads((final / "config.json").read_text())["adapters"]["mix"]["rank"] == 8
+    assert task_counts(build(GRPOConfig, dict(tasks=["compose", "text"], prompts_per_step=5,
+                                              task_shares={"compose": 3, "text": 2}))) == {"compose": 3, "text": 2}
+
+
+@pytest.mark.parametrize("bad,match", [("lr=0", "lr"), ("group_size=1", "group_size"), ("steps=0", "steps"),
+                                       ("tasks=[ocr]", "unknown task"), ("clip_rnge=0.1", "did you mean .clip_range"),
+                                       ("finetune=full", "kl_beta")])
+def test_config_validation(bad, match):
+    overrides = [bad] + (["kl_beta=0.1"] if bad.startswith("finetune") else [])
+    with pytest.raises(ConfigError, match=match):
+        build(GRPOConfig, {}, overrides)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfgs = {n: build(GRPOConfig, yaml.safe_load((root / f"toy_grpo_{n}.yaml").read_text()))
+            for n in ("compose", "text", "quality", "mix")}
+    teachers = sum(cfgs[n].rollout_budget() for n in ("compose", "text", "quality"))
+    assert cfgs["mix"].rollout_budget() == teachers
+    assert cfgs["mix"].tasks == ["compose", "text", "quality"]
