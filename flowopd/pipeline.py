@@ -238,8 +238,6 @@ class Pipeline:
         return out
 
     def s_report(self):
-        import numpy as np
-
         from .backends import load_checkpoint
         from .report import write_report
         from .sampling import sample_images

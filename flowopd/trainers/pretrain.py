@@ -34,7 +34,7 @@ from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
 from ..config import require, to_dict
 from ..errors import UserError
 from ..state import check_out_dir, latest_state, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_state, save_state
-from ..flow import interpolate, velocity_target
+from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
 from ..world.prompts import CATEGORIES, sample_prompt
 from ..world.render import render, to_model_space

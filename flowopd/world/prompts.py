@@ -155,10 +155,6 @@ def make_prompt(text: str, task: str | None = None) -> Prompt:
     return Prompt(" ".join(str(text).strip().split()), task, category, spec)
 
 
-def _a(word: str) -> str:
-    return "a"
-
-
 @lru_cache(maxsize=None)
 def enumerate_category(category: str) -> tuple[str, ...]:
     """Every prompt string of a compose category, in a fixed order."""
