@@ -68,6 +68,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .runlog import RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..losses import group_advantages, grpo_loss
 from ..flow import step_kl
@@ -280,32 +281,6 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
     return as_name
 
 
-class _Logger:
-    """JSONL always; tensorboard too when it is installed."""
-
-    def __init__(self, out: Path):
-        self.f = open(out / "train_log.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, step: int, rec: dict):
-        self.f.write(json.dumps({"step": step, **rec}) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -335,7 +310,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
     reward_fn = make_reward_fn(cfg)
     counts = task_counts(cfg)
-    logger = _Logger(out)
+    logger = RunLogger(out)
 
     def window(rng) -> list[int] | None:
         """The SDE steps of this iteration: all (None), or a window at a random allowed start."""

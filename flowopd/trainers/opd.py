@@ -60,6 +60,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .runlog import RunLogger
 from ..config import ConfigError, build, load_yaml, require, to_dict
 from ..flow import step_kl
 from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
@@ -240,32 +241,6 @@ def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, s
     return loss, kl.detach(), st
 
 
-class _Logger:
-    """JSONL always; tensorboard too when it is installed."""
-
-    def __init__(self, out: Path):
-        self.f = open(out / "train_log.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, step: int, rec: dict):
-        self.f.write(json.dumps({"step": step, **rec}) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def setup_models(cfg: OPDConfig, out: Path):
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
     -> (backend, bank, teacher names, student params, init info)."""
@@ -343,7 +318,7 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
     anchor = None if cfg.anchor == "base" else cfg.anchor
     use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
-    logger = _Logger(out)
+    logger = RunLogger(out)
     logger.log(0, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
                    "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
 
