@@ -189,3 +189,16 @@ def test_sft_keeps_each_prompts_best_sample_and_fits_a_lora(base_ckpt, teachers,
     assert read_teacher(out, base_ckpt).kind == "lora"
     load_checkpoint(out)
     assert (out / "sft_log.jsonl").read_text().strip()
+
+
+def test_svd_fit_recovers_a_low_rank_delta(base_ckpt, teachers):
+    from flowopd.trainers.coldstart import svd_lora
+
+    t = read_teacher(teachers["compose"], base_ckpt)  # rank 4
+    modules = list(t.lora)
+    fit, resid = svd_lora(t.deltas(), modules, rank=4)
+    assert resid < 1e-5
+    d_fit, d = lora_deltas(fit, 1.0), t.deltas()
+    assert all((d_fit[k] - d[k]).abs().max() < 1e-5 for k in d)
+    _, resid1 = svd_lora(t.deltas(), modules, rank=1)
+    assert 0 < resid1 < 1

@@ -246,3 +246,18 @@ def test_velocity_step_weighting_counts_every_steps_velocity_error_alike():
         per_unit.append(w[j] * kl / ((v1 - v2) ** 2).flatten(1).mean(1))
     per_unit = torch.stack(per_unit)
     assert torch.allclose(per_unit, per_unit[0].expand_as(per_unit), rtol=1e-6)
+
+
+def test_dense_cold_start_becomes_an_svd_fit_student(world, tmp_path):
+    from flowopd.trainers.coldstart import base_state
+
+    base, _ = world
+    sd = base_state(base)
+    g = torch.Generator().manual_seed(5)
+    dense = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    save_checkpoint(load_checkpoint(base), tmp_path / "dense", {}, state_dict=dense)
+    cfg = load_config(None, _overrides(world, init=str(tmp_path / "dense"), student_rank=3))
+    with pytest.warns(UserWarning, match="SVD"):
+        b, bank, names, params, info = opd.setup_models(cfg, tmp_path / "o")
+    assert 0 < info["svd_residual"] < 1
+    assert adapter_lora(b, "student")[1] == 3 and all(p.requires_grad for p in params)

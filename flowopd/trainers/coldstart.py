@@ -150,9 +150,12 @@ def lora_modules_of(backend, targets: list[str]) -> list[str]:
     """Paths of the base model's modules that a LoRA with these target names adapts."""
     out = []
     for name, mod in backend.model.named_modules():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "")  # modules peft has already wrapped
         if name and name.split(".")[-1] in targets and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             out.append(name)
-    return out
+    return list(dict.fromkeys(out))
 
 
 # ----------------------------------------------------------------------------- adapters on a backend
