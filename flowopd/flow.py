@@ -105,7 +105,10 @@ def _normal_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 def _gaussian_step(mean, std, eps, generator, prev_sample) -> SDEStep:
     if prev_sample is None:
         if eps is None:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            # drawn on the generator's device (the CPU for rollouts), so a seed gives the same noise
+            # whatever device the model runs on
+            gdev = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, device=gdev, dtype=mean.dtype).to(mean.device)
         sample = mean + std * eps
     else:
         sample = prev_sample.to(mean.dtype)

@@ -194,7 +194,7 @@ def test_mix_batches_and_main_entry(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("bad,match", [("lr=0", "lr"), ("group_size=1", "group_size"), ("steps=0", "steps"),
                                        ("tasks=[ocr]", "unknown task"), ("clip_rnge=0.1", "did you mean .clip_range"),
-                                       ("finetune=full", "kl_beta")])
+                                       ("finetune=full", "kl_beta"), ("categories=[triangles]", "unknown category")])
 def test_config_validation(bad, match):
     overrides = [bad] + (["kl_beta=0.1"] if bad.startswith("finetune") else [])
     with pytest.raises(ConfigError, match=match):
@@ -210,3 +210,23 @@ def test_shipped_configs_parse():
     teachers = sum(cfgs[n].rollout_budget() for n in ("compose", "text", "quality"))
     assert cfgs["mix"].rollout_budget() == teachers
     assert cfgs["mix"].tasks == ["compose", "text", "quality"]
+
+
+def test_categories_restrict_compose_prompts_only():
+    import random
+
+    from flowopd.trainers.grpo import draw_prompts
+    from flowopd.world.prompts import parse
+
+    hard = ["position", "color_attr"]
+    prompts, tasks = draw_prompts(random.Random(0), {"compose": 40, "text": 5}, hard)
+    assert tasks.count("text") == 5
+    for p, t in zip(prompts, tasks):
+        if t == "text":
+            assert p.startswith("a sign that says")
+        else:
+            assert parse(p).category in hard
+    # without categories every compose category shows up in a large draw
+    prompts, tasks = draw_prompts(random.Random(0), {"compose": 200})
+    assert {parse(p).category for p in prompts} == {"single_object", "two_object", "counting", "colors",
+                                                     "position", "color_attr"}

@@ -74,7 +74,7 @@ from ..losses import group_advantages, grpo_loss
 from ..flow import step_kl
 from ..rewards import get_reward, per_task, weighted_sum
 from ..rollout import Rollout, rollout, transition
-from ..world.prompts import TASKS, sample_prompt
+from ..world.prompts import CATEGORIES, TASKS, sample_prompt
 
 DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
@@ -90,6 +90,7 @@ class GRPOConfig:
     # prompts and rewards
     tasks: list[str] = field(default_factory=lambda: ["compose"])
     task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    categories: list[str] = field(default_factory=list)  # compose/quality prompts only from these (default: all)
     reward: str = ""                 # one reward for every sample: a name or package.module:function
     reward_mix: dict = field(default_factory=dict)    # reward name -> weight, summed on every sample
     task_rewards: dict = field(default_factory=dict)  # task -> reward name (default: the task's own)
@@ -139,6 +140,8 @@ class GRPOConfig:
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        for c in self.categories:
+            require(c in CATEGORIES, f"unknown category {c!r}; categories are {', '.join(CATEGORIES)}")
         require(not (self.reward and self.reward_mix), "set either reward or reward_mix, not both")
         for t in self.task_rewards:
             require(t in self.tasks, f"task_rewards names {t!r}, which is not in tasks {self.tasks}")
@@ -214,11 +217,17 @@ def task_counts(cfg: GRPOConfig) -> dict[str, int]:
     return counts
 
 
-def draw_prompts(rng: random.Random, counts: dict[str, int]) -> tuple[list[str], list[str]]:
-    """Training-split prompts for one batch -> (prompts, tasks), tasks in a shuffled order."""
+def draw_prompts(rng: random.Random, counts: dict[str, int],
+                 categories: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Training-split prompts for one batch -> (prompts, tasks), tasks in a shuffled order.
+    Compose/quality prompts come from `categories` (uniformly) when given, else from all."""
     tasks = [t for t, n in counts.items() for _ in range(n)]
     rng.shuffle(tasks)
-    return [sample_prompt(rng, t, "train").text for t in tasks], tasks
+    prompts = []
+    for t in tasks:
+        cat = rng.choice(categories) if categories and t != "text" else None
+        prompts.append(sample_prompt(rng, t, "train", category=cat).text)
+    return prompts, tasks
 
 
 def merged_state_dict(backend) -> dict:
@@ -340,7 +349,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     for step in bar:
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients
-        prompts, tasks = draw_prompts(rng, counts)
+        prompts, tasks = draw_prompts(rng, counts, cfg.categories)
         ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
                               noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
                               micro_batch=cfg.micro_batch, generator=gen, sde_steps=window(rng),
