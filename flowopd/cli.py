@@ -94,11 +94,24 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _model_overrides(args) -> list[str]:
+    """--model PATH is the `model=PATH` config key (the SD3 pipeline of backend: sd3)."""
+    return list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+
+
+def _rank0() -> bool:
+    """Not a secondary process of an `accelerate launch` / `torchrun` run."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_grpo(args) -> int:
     from .trainers.grpo import main_grpo
 
-    final = main_grpo(args.config, args.out, args.overrides)
-    print(f"final checkpoint: {final}", file=sys.stderr)
+    final = main_grpo(args.config, args.out, _model_overrides(args))
+    if _rank0():
+        print(f"final checkpoint: {final}", file=sys.stderr)
     return 0
 
 
@@ -113,8 +126,9 @@ def cmd_coldstart(args) -> int:
 def cmd_distill(args) -> int:
     from .trainers.opd import main_distill
 
-    final = main_distill(args.config, args.out, args.overrides)
-    print(f"final checkpoint: {final}", file=sys.stderr)
+    final = main_distill(args.config, args.out, _model_overrides(args))
+    if _rank0():
+        print(f"final checkpoint: {final}", file=sys.stderr)
     return 0
 
 
@@ -184,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs "
                                     "(train_log.jsonl, tensorboard) and the resolved config go to --out; "
                                     "OUT/final is the trained model. Examples: configs/toy_grpo_compose.yaml, "
-                                    "toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml.")
+                                    "toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml; on SD3.5: "
+                                    "configs/sd35m_grpo_{ocr,geneval,pickscore}.yaml with --model. Runs on several "
+                                    "GPUs under `accelerate launch -m flowopd grpo ...`.")
     sp.add_argument("--config", default=None, help="YAML config")
+    sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --steps=10")
     sp.set_defaults(func=cmd_grpo)
@@ -204,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("distill", help="Flow-OPD: on-policy distillation of the teachers into one student, with MAR",
                         description="The student samples SDE trajectories for prompts of all tasks; each is routed "
                                     "to a teacher (routing=task|reward|soft) that supervises every step (rule=direct|pg), "
-                                    "plus beta * KL to the anchor (MAR). Example: configs/toy_opd_merge.yaml.")
+                                    "plus beta * KL to the anchor (MAR). Examples: configs/toy_opd_merge.yaml; on "
+                                    "SD3.5: configs/sd35m_opd.yaml with --model.")
     sp.add_argument("--config", default=None, help="YAML config")
+    sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --beta=0 teachers.text=DIR")
     sp.set_defaults(func=cmd_distill)

@@ -74,14 +74,16 @@ def expand_groups(prompts: list[str], tasks: list[str], group_size: int):
 
 
 def _integrate(velocity_fn, x: Tensor, sigmas: Tensor, j0: int, j1: int, sde_set: set, step_fn,
-               noise_level: float, generator) -> tuple[list[Tensor], list[Tensor]]:
+               noise_level: float, generator, eps: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Steps j0..j1-1 from x (the state at sigmas[j0]): `step_fn` with log-prob on steps in sde_set,
-    a deterministic Euler (ODE) step with log-prob 0 elsewhere. -> (states after each step, log-probs)."""
+    a deterministic Euler (ODE) step with log-prob 0 elsewhere. -> (states after each step, log-probs).
+    eps: (b, N+1, ...) pre-drawn noise (step j uses eps[:, j + 1]); None: draw from `generator`."""
     xs, lps = [], []
     for j in range(j0, j1):
         v = velocity_fn(x, sigmas[j].expand(x.shape[0]))
         if j in sde_set:
-            out = step_fn(x, v, sigmas[j], sigmas[j + 1], noise_level, generator=generator)
+            e = None if eps is None else eps[:, j + 1].to(x.device, x.dtype)
+            out = step_fn(x, v, sigmas[j], sigmas[j + 1], noise_level, eps=e, generator=generator)
             x, lp = out.sample, out.log_prob
         else:
             x, lp = euler_step(x, v, sigmas[j], sigmas[j + 1]), x.new_zeros(x.shape[0])
@@ -95,7 +97,7 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
             cfg: float = 1.0, noise_level: float = 0.7, shift: float = 1.0, method: str = "sde",
             micro_batch: int = 0, generator: torch.Generator | None = None,
             metadata: list[dict] | None = None, sde_steps: list[int] | None = None,
-            shared_noise: bool = False) -> Rollout:
+            shared_noise: bool = False, noise: Tensor | None = None) -> Rollout:
     """Sample `group_size` trajectories for each prompt with the current policy of `backend`.
 
     prompts, tasks: (P,) prompt strings and task tags; the result holds B = P * group_size samples.
@@ -108,6 +110,9 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
     shared_noise: the G samples of a prompt start from the same initial noise, so they differ only
     by the noise of the SDE steps (the group's reward spread is then credited to those steps);
     the deterministic steps before the first SDE step are computed once per prompt.
+    noise: all the noise, pre-drawn, (B, N+1, C, H, W) on the CPU: [:, 0] the initial noise, [:, j+1]
+    the SDE noise of step j (flowopd.parallel.group_noise); `generator` is then not used. With
+    shared_noise a group starts from its first sample's initial noise.
     """
     if method not in STEP_FNS:
         raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(STEP_FNS)}")
@@ -130,8 +135,11 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
 
     # the shared deterministic prefix (once per prompt), or independent noise per sample
     first = min(sde_set) if shared_noise else 0
+    if noise is not None and tuple(noise.shape) != (B, steps + 1, *shape):
+        raise ValueError(f"noise must have shape {(B, steps + 1, *shape)}, got {tuple(noise.shape)}")
     if shared_noise:
-        noise_p = torch.randn((len(prompts), *shape), generator=generator)  # (P, C, H, W)
+        noise_p = (torch.randn((len(prompts), *shape), generator=generator) if noise is None
+                   else noise[::group_size, 0])  # (P, C, H, W)
         prefix = []
         for i in range(0, len(prompts), mb):
             x = noise_p[i:i + mb].to(dev)
@@ -139,11 +147,13 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
             prefix.append(torch.stack([x, *states], 1).cpu())  # (p, first+1, C, H, W)
         prefix = torch.cat(prefix).repeat_interleave(group_size, 0)  # (B, first+1, ...)
     else:
-        prefix = torch.randn((B, *shape), generator=generator)[:, None]  # (B, 1, C, H, W)
+        prefix = (torch.randn((B, *shape), generator=generator) if noise is None
+                  else noise[:, 0])[:, None]  # (B, 1, C, H, W)
     xs, lps = [], []
     for i in range(0, B, mb):
         x = prefix[i:i + mb, -1].to(dev)
-        states, lp = _integrate(vfn(ps[i:i + mb]), x, sig, first, steps, sde_set, step_fn, noise_level, generator)
+        states, lp = _integrate(vfn(ps[i:i + mb]), x, sig, first, steps, sde_set, step_fn, noise_level, generator,
+                                None if noise is None else noise[i:i + mb])
         xs.append(torch.stack(states, 1).cpu())  # (b, N-first, ...)
         lps.append(torch.stack(lp, 1).cpu())
     xs = torch.cat([prefix, torch.cat(xs)], 1)  # (B, N+1, C, H, W)

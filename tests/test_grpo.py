@@ -215,11 +215,12 @@ def test_shipped_configs_parse():
 def test_categories_restrict_compose_prompts_only():
     import random
 
-    from flowopd.trainers.grpo import draw_prompts
+    from flowopd.prompt_sources import PromptSources
     from flowopd.world.prompts import parse
 
     hard = ["position", "color_attr"]
-    prompts, tasks = draw_prompts(random.Random(0), {"compose": 40, "text": 5}, hard)
+    prompts, tasks, _ = PromptSources(["compose", "text"], None, hard).draw_batch(random.Random(0),
+                                                                                 {"compose": 40, "text": 5})
     assert tasks.count("text") == 5
     for p, t in zip(prompts, tasks):
         if t == "text":
@@ -227,6 +228,6 @@ def test_categories_restrict_compose_prompts_only():
         else:
             assert parse(p).category in hard
     # without categories every compose category shows up in a large draw
-    prompts, tasks = draw_prompts(random.Random(0), {"compose": 200})
+    prompts, tasks, _ = PromptSources(["compose"], None).draw_batch(random.Random(0), {"compose": 200})
     assert {parse(p).category for p in prompts} == {"single_object", "two_object", "counting", "colors",
                                                      "position", "color_attr"}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +126,8 @@ class SD3Backend:
                  device: str | torch.device = "cpu", dtype="fp32", vae_dtype="fp32", resolution: int = 512,
                  max_sequence_length: int = 128, sampling: dict | None = None, lora_dtype="fp32",
                  gradient_checkpointing: bool = False, prompt_cache_size: int = 256,
-                 encode_batch_size: int = 32, decode_batch_size: int = 8, model_id: str = "", scheduler=None):
+                 encode_batch_size: int = 32, decode_batch_size: int = 8, model_id: str = "", scheduler=None,
+                 mixed_precision: str | None = None):
         """
         transformer: SD3Transformer2DModel; vae: AutoencoderKL (SD3's, with shift_factor);
         text_encoders: (CLIP-L, CLIP-G, T5 or None) with projection; tokenizers: the matching three.
@@ -135,6 +136,8 @@ class SD3Backend:
         full precision over half-precision base weights). resolution: image side in pixels.
         max_sequence_length: T5 tokens (Flow-GRPO uses 128; diffusers' pipeline default is 256).
         scheduler: kept for `self.pipe.__call__` only (our samplers use flowopd.flow's grids).
+        mixed_precision: None/"none" (default: compute in the weights' dtype), or "fp16"/"bf16": the
+        transformer runs under torch.autocast to that dtype (Flow-GRPO: fp32 weights, fp16 autocast).
         prompt_cache_size: prompts whose embeddings stay cached on `device` (SD3.5-M, T5 length 128,
         bf16: about 1.7 MB each, so 256 prompts ~ 430 MB).
 
@@ -186,6 +189,10 @@ class SD3Backend:
         self._enabled = True
         self._adapter_params: dict[str, list[torch.nn.Parameter]] = {}
         self.forward_module = None
+        mp = None if mixed_precision in (None, "", "none", "no") else _dtype(mixed_precision)
+        if mp is not None and mp == torch.float32:
+            mp = None
+        self.autocast_dtype = mp
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
@@ -251,9 +258,12 @@ class SD3Backend:
         emb, pooled = cond
         timestep = sigma.to(self.device, torch.float32) * 1000.0  # diffusers: timesteps = sigmas * 1000
         net = self.forward_module if self.forward_module is not None else self.transformer
-        out = net(hidden_states=x.to(self.device, self.dtype), timestep=timestep,
-                  encoder_hidden_states=emb.to(self.device, self.dtype),
-                  pooled_projections=pooled.to(self.device, self.dtype), return_dict=False)[0]
+        amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else nullcontext())
+        with amp:
+            out = net(hidden_states=x.to(self.device, self.dtype), timestep=timestep,
+                      encoder_hidden_states=emb.to(self.device, self.dtype),
+                      pooled_projections=pooled.to(self.device, self.dtype), return_dict=False)[0]
         return out.float()
 
     @torch.no_grad()

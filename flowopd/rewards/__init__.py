@@ -8,7 +8,8 @@ Find one by name (`get_reward("compose")`, names in `REWARDS`) or by import path
 (`get_reward("mypkg.rewards:aesthetic")`). `weighted_sum({"text": 1.0, "quality": 0.5})` mixes
 several into one reward; `per_task({"compose": "compose", "text": "text"}, weights)` rewards each
 sample with its own task's reward (GRPO-Mix). Add a reward family as one small module and
-`register` its functions here.
+`register` its functions here. The SD3 rewards (flowopd.rewards.sd3_rewards) are registered
+by name too, built on first use.
 """
 from __future__ import annotations
 
@@ -44,6 +45,13 @@ register("compose", toy.compose)
 register("compose_strict", toy.compose_strict)
 register("text", toy.text)
 register("quality", toy.quality)
+
+# The SD3.5 experiments' rewards (ocr, pickscore, clipscore, aesthetic, geneval): registered lazily,
+# so listing them loads no model and needs none of their packages until a trainer first calls one.
+from . import sd3_rewards as _sd3  # noqa: E402
+
+for _name, _factory in _sd3.SD3_REWARDS.items():
+    register(_name, _sd3.lazy(_factory))
 
 
 def available() -> list[str]:

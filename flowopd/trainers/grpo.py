@@ -53,6 +53,12 @@ Departures from Flow-GRPO (and why):
     multi-reward runs sum weighted rewards on every sample instead (`reward_mix` does that).
   - LoRA targets include the U-Net's convolutions and FiLM layers (the toy backbone is a U-Net,
     not a transformer).
+
+Back ends and processes (flowopd.trainers.common, flowopd.parallel): `backend: sd3` trains a LoRA
+on an SD3 pipeline (`model`) with prompts from files (`prompts`) and saves it in diffusers' format;
+under `accelerate launch` / `torchrun` each process rolls out its share of the prompt groups,
+rewards are gathered so advantages use the global batch, gradients are averaged, and rank 0 alone
+writes logs and checkpoints. Batch keys (prompts_per_step, grad_accum) are global numbers.
 """
 from __future__ import annotations
 
@@ -68,19 +74,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .runlog import RunLogger
+from .common import Evaluator, ModelKeys, add_trained_adapter
+from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..losses import group_advantages, grpo_loss
 from ..flow import step_kl
 from ..rewards import get_reward, per_task, weighted_sum
 from ..rollout import Rollout, rollout, transition
-from ..world.prompts import CATEGORIES, TASKS, sample_prompt
+from ..world.prompts import CATEGORIES
 
 DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval_* keys (trainers/common.py)
     # model
     init: str = "base"               # checkpoint to fine-tune ('base' = the shipped base)
     finetune: str = "lora"           # "lora" (an adapter over the frozen base) or "full"
@@ -135,8 +142,7 @@ class GRPOConfig:
         require(self.lora_rank >= 1, "lora_rank must be >= 1")
         require(self.lora_alpha >= 0, "lora_alpha must be >= 0")
         require(len(self.tasks) >= 1, "tasks must name at least one task")
-        for t in self.tasks:
-            require(t in TASKS, f"unknown task {t!r}; tasks are {', '.join(TASKS)}")
+        self.validate_model_keys()
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
@@ -200,7 +206,7 @@ def make_reward_fn(cfg: GRPOConfig):
         return get_reward(cfg.reward)
     if cfg.reward_mix:
         return weighted_sum(cfg.reward_mix)
-    tr = {t: cfg.task_rewards.get(t, DEFAULT_TASK_REWARDS[t]) for t in cfg.tasks}
+    tr = {t: cfg.task_rewards.get(t, DEFAULT_TASK_REWARDS.get(t, t)) for t in cfg.tasks}
     return per_task(tr, cfg.reward_weights)
 
 
@@ -217,19 +223,6 @@ def task_counts(cfg: GRPOConfig) -> dict[str, int]:
     return counts
 
 
-def draw_prompts(rng: random.Random, counts: dict[str, int],
-                 categories: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """Training-split prompts for one batch -> (prompts, tasks), tasks in a shuffled order.
-    Compose/quality prompts come from `categories` (uniformly) when given, else from all."""
-    tasks = [t for t, n in counts.items() for _ in range(n)]
-    rng.shuffle(tasks)
-    prompts = []
-    for t in tasks:
-        cat = rng.choice(categories) if categories and t != "text" else None
-        prompts.append(sample_prompt(rng, t, "train", category=cat).text)
-    return prompts, tasks
-
-
 def merged_state_dict(backend) -> dict:
     """Full weights of the base with the active LoRA merged in (the backend is left untouched)."""
     if getattr(backend, "_peft", None) is None:
@@ -239,8 +232,12 @@ def merged_state_dict(backend) -> dict:
 
 
 def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Path:
-    """Write a checkpoint: merged full weights (+ the adapter alone for LoRA runs)."""
+    """Write a checkpoint: merged full weights (+ the adapter alone for LoRA runs). SD3: the adapter
+    in diffusers' LoRA format with config.json naming the base (SD3Backend.save_checkpoint)."""
     from safetensors.torch import save_file
+
+    if getattr(backend, "name", "tiny") == "sd3":
+        return backend.save_checkpoint(out, adapters=[cfg.name], meta=meta)
 
     from ..backends import save_checkpoint
 
@@ -296,30 +293,45 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
 def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
     from ..backends import load_checkpoint
+    from ..parallel import Dist, group_noise, noise_mode, param_checksum
+    from ..prompt_sources import PromptSources
+    from .sd3_teachers import setup_sd3_grpo
 
+    dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
+    dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dist.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    device = dist.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
-    backend = load_checkpoint(cfg.init, str(device))
-    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
-    if cfg.finetune == "lora":
-        backend.add_adapter(cfg.name, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank)
+    if cfg.backend == "sd3":
+        backend = setup_sd3_grpo(cfg, dist)  # the SD3 base with the trained adapter
     else:
-        backend.model.requires_grad_(True)
+        backend = load_checkpoint(cfg.init, str(device))
+        if cfg.finetune == "lora":
+            add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
+        else:
+            backend.model.requires_grad_(True)
+    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     params = backend.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    dist.broadcast_parameters(params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
     ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
     reward_fn = make_reward_fn(cfg)
     counts = task_counts(cfg)
-    logger = RunLogger(out)
+    sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
+    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    grad_accum = dist.local_accum(cfg.grad_accum)
+    evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch) if cfg.eval_every else None
+    logger = RunLogger(out) if dist.is_main else NullLogger()
 
     def window(rng) -> list[int] | None:
         """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
@@ -344,24 +356,31 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
                     p.copy_(v)
         return path
 
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, disable=not dist.is_main)
     step = 0
     for step in bar:
         t_step = time.time()
-        # 1. rollout: P prompts x G trajectories from the current policy, no gradients
-        prompts, tasks = draw_prompts(rng, counts, cfg.categories)
-        ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
-                              noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
-                              micro_batch=cfg.micro_batch, generator=gen, sde_steps=window(rng),
-                              shared_noise=cfg.shared_noise)
+        # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
+        #    processes every one draws the same P prompts and rolls out its groups (mine)
+        prompts, tasks, meta = sources.draw_batch(rng, counts)
+        mine = dist.mine(len(prompts))
+        noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
+                            tuple(backend.latent_shape())) if per_group else None
+        ro: Rollout = rollout(backend, [prompts[i] for i in mine], [tasks[i] for i in mine], cfg.group_size,
+                              steps=cfg.sample_steps, cfg=guidance, noise_level=cfg.noise_level, shift=cfg.shift,
+                              method=cfg.sampler, micro_batch=cfg.micro_batch, generator=gen,
+                              sde_steps=window(rng), shared_noise=cfg.shared_noise,
+                              metadata=[meta[i] for i in mine], noise=noise)
         t_roll = time.time() - t_step
 
-        # 2. reward: score the decoded final images
+        # 2. reward: score the decoded final images (this process's), gather the global batch
         images = backend.decode(ro.final)
-        rewards = reward_fn(images, ro.prompts, ro.metadata)  # (B,)
+        rewards = dist.gather(reward_fn(images, ro.prompts, ro.metadata))  # (B,) all processes
+        group_ids = dist.gather(torch.tensor(mine)[ro.group_ids])  # (B,) global prompt index
 
         # 3. advantages: per-prompt groups, std over the batch (or the group), clipped
-        adv = group_advantages(rewards, ro.group_ids, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
+        adv_all = group_advantages(rewards, group_ids, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
+        adv = dist.local(adv_all)  # this process's samples
 
         # 4. update: clipped-ratio loss on a random subset of the steps, accumulated over micro-batches
         steps_all = ro.trainable_steps()
@@ -374,7 +393,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
             opt.zero_grad(set_to_none=True)
             for k, ci in enumerate(order):
                 idx = chunks[ci]
-                n_in_group = min(cfg.grad_accum, len(chunks) - (k // cfg.grad_accum) * cfg.grad_accum)
+                n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
                 for j in train_steps:
                     tr = transition(backend, ro, idx, j)
                     loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device),
@@ -388,7 +407,8 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
                         kls.append(kl.item())
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
-                if (k + 1) % cfg.grad_accum == 0 or k == len(order) - 1:
+                if (k + 1) % grad_accum == 0 or k == len(order) - 1:
+                    dist.average_gradients(params)
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -398,10 +418,11 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
                             for e, p in zip(ema, params):
                                 e.lerp_(p.detach(), 1 - cfg.ema_decay)
 
-        # 5. log, checkpoint
+        # 5. log, checkpoint (rank 0 writes; stats of every process)
+        stats, kls, all_tasks = dist.gather_list(stats), dist.gather_list(kls), dist.gather_list(ro.tasks)
         rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}
-        for t in dict.fromkeys(ro.tasks):
-            r_t = rewards[[i for i, s in enumerate(ro.tasks) if s == t]]
+        for t in dict.fromkeys(all_tasks):
+            r_t = rewards[[i for i, s in enumerate(all_tasks) if s == t]]
             rec[f"reward/{t}"] = r_t.mean().item()
             rec[f"reward_std/{t}"] = r_t.std(unbiased=False).item()
         rec.update({
@@ -412,22 +433,29 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
             "ratio_max": max(s["ratio_max"] for s in stats),
             "approx_kl": sum(s["approx_kl"] for s in stats) / len(stats),
             "kl_ref": (sum(kls) / len(kls)) if kls else None,
-            "grad_norm": float(gnorm), "opt_steps": n_opt, "adv_abs": adv.abs().mean().item(),
+            "grad_norm": float(gnorm), "opt_steps": n_opt, "adv_abs": adv_all.abs().mean().item(),
             "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
             "min": round((time.time() - t0) / 60, 2),
         })
+        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+            rec.update(evaluate())
         if step % cfg.log_every == 0 or step == 1:
             logger.log(step, rec)
         bar.set_postfix(r=f"{rec['reward']:.3f}", clip=f"{rec['clip_frac']:.2f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
             save(f"step_{step:06d}", step)
-        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+        if stop:
             bar.write(f"time limit reached at step {step}")
             break
-    final = save("final", step)
+    final = save("final", step) if dist.is_main else out / "final"
     logger.close()
-    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
-                                                   "rollouts": step * cfg.samples_per_step, "name": cfg.name}))
+    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
+    if dist.is_main:
+        (out / "summary.json").write_text(json.dumps(
+            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rollouts": step * cfg.samples_per_step,
+             "name": cfg.name, "processes": dist.world, "param_checksums": checksums}))
+    dist.close()
     return final
 
 

@@ -65,6 +65,13 @@ Departures from the paper / DESIGN.md (and why):
   - One mixed batch holds every task; in the toy world compose and quality prompts are the same
     sentences with different tags, so under task routing the student sees both teachers' targets
     for one prompt and learns their average there (reward/soft routing choose per sample instead).
+
+Back ends and processes (flowopd.trainers.common, sd3_teachers, flowopd.parallel): `backend: sd3`
+puts the teachers (LoRAs saved by SD3 GRPO runs, or released ones) and the student on one frozen
+SD3 transformer, with prompts from files; under `accelerate launch` / `torchrun` each process rolls
+out its share of the prompts, rewards are gathered for routing and logs, gradients are averaged,
+rank 0 writes. With prompts from files a sample is scored by its own task's reward only, so routing
+is by task there.
 """
 from __future__ import annotations
 
@@ -72,6 +79,7 @@ import json
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +87,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .runlog import RunLogger
+from .common import EMA, Evaluator, ModelKeys, lora_init_value, score_tasks
+from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, build, load_yaml, require, to_dict
 from ..flow import step_kl
 from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
-from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route, score_all
+from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
 from ..rollout import Rollout, rollout, transition
 from ..world.prompts import TASKS, sample_prompt
 from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
@@ -94,13 +103,14 @@ STUDENT = "student"
 
 
 @dataclass
-class OPDConfig:
+class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval_* keys (trainers/common.py)
     # models
     base: str = "base"               # the frozen base every teacher, the student and the anchor share
     teachers: dict = field(default_factory=dict)  # task -> teacher checkpoint (a GRPO run's --out or its final/)
     init: str = "merge"              # cold start: "merge" | "sft" (run now, into out/coldstart) | "none" | a checkpoint dir
     coldstart: dict = field(default_factory=dict)  # ColdStartConfig overrides for init merge|sft
     student_rank: int = 24           # LoRA rank of the student when init is "none" or a dense checkpoint
+    lora_alpha: float = 0.0          # its LoRA alpha (0: = student_rank)
     # prompts
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
@@ -135,7 +145,9 @@ class OPDConfig:
     grad_accum: int = 1              # micro-batches per optimizer step
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     grad_clip: float = 1.0
+    ema_decay: float = 0.0           # 0: no EMA; else the saved student is the EMA of its weights
     # bookkeeping
     seed: int = 0
     device: str = "cpu"
@@ -146,9 +158,10 @@ class OPDConfig:
 
     def validate(self):
         require(len(self.teachers) >= 1, "teachers must map at least one task to a checkpoint")
-        for t in self.tasks:
-            require(t in TASKS, f"unknown task {t!r}; tasks are {', '.join(TASKS)}")
         require(len(self.tasks) >= 1, "tasks must name at least one task")
+        self.validate_model_keys()
+        require(self.routing == "task" or self.toy_tasks_only,
+                "routing reward|soft needs rewards that read every prompt (the toy world's); use routing: task")
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
@@ -178,6 +191,8 @@ class OPDConfig:
         require(self.micro_batch >= 1 and self.grad_accum >= 1 and self.inner_epochs >= 1, "micro_batch, grad_accum, inner_epochs must be >= 1")
         require(0 < self.timestep_fraction <= 1, "timestep_fraction must be in (0, 1]")
         require(self.lr > 0, "lr must be > 0")
+        require(0 < self.adam_beta2 < 1 and 0 <= self.ema_decay < 1, "adam_beta2 must be in (0, 1), ema_decay in [0, 1)")
+        require(self.lora_alpha >= 0, "lora_alpha must be >= 0")
         for k in self.coldstart:
             require(k in ColdStartConfig.__dataclass_fields__, f"unknown coldstart key {k!r}")
 
@@ -260,12 +275,19 @@ def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, s
     return loss, kl.detach(), st
 
 
-def setup_models(cfg: OPDConfig, out: Path):
+def setup_models(cfg: OPDConfig, out: Path, dist=None):
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
     -> (backend, bank, teacher names, student params, init info)."""
     from ..backends import load_checkpoint
+    from ..parallel import Dist
 
-    backend = load_checkpoint(cfg.base, cfg.device)
+    dist = dist or Dist.create(cfg.device)  # (the process group is joined once; this finds it again)
+    if cfg.backend == "sd3":
+        from .sd3_teachers import setup_sd3_opd
+
+        return setup_sd3_opd(cfg, out, dist, STUDENT)
+
+    backend = load_checkpoint(cfg.base, str(dist.device))
     teachers = load_teachers(cfg.teachers, cfg.base)
     bank = TeacherBank(backend)
     names = list(teachers)
@@ -275,13 +297,17 @@ def setup_models(cfg: OPDConfig, out: Path):
     if cfg.init in ("merge", "sft"):
         cs_cfg = build(ColdStartConfig, {"seed": cfg.seed, "num_threads": cfg.num_threads, **cfg.coldstart,
                                          "base": cfg.base, "device": cfg.device})
-        cs = coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg)
+        if dist.is_main:  # one process computes it, the others read it
+            coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg)
+        dist.barrier()
+        cs = out / "coldstart"
     elif cfg.init != "none":
         cs = resolve_teacher_dir(cfg.init)
     for name in names:  # teachers first; the student is made active last
         bank.add(name, teachers[name])
     if cs is None:
-        backend.add_adapter(STUDENT, rank=cfg.student_rank, alpha=cfg.student_rank)
+        backend.add_adapter(STUDENT, rank=cfg.student_rank, alpha=cfg.lora_alpha or cfg.student_rank,
+                            targets=list(cfg.lora_targets) or None, init=lora_init_value(cfg.lora_init, backend))
     else:
         init = read_teacher(cs, cfg.base, name=None)
         info["coldstart"] = str(cs)
@@ -312,59 +338,83 @@ def setup_models(cfg: OPDConfig, out: Path):
 
 def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
     """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
-    from ..rewards import get_reward
+    from ..parallel import Dist, group_noise, noise_mode, param_checksum
+    from ..prompt_sources import PromptSources
+    from ..rewards import REWARDS, get_reward, per_task
 
+    dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
+    dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dist.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    device = dist.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
     backend, bank, names, params, info = setup_models(cfg, out)
+    dist.broadcast_parameters(params)
     guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
-    reward_names = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
+    reward_names = {**DEFAULT_TASK_REWARDS, **{t: t for t in names if t in REWARDS}, **cfg.task_rewards}
     missing = [t for t in names if t not in reward_names]
     if missing:
         raise ConfigError(f"no reward for teacher task(s) {missing}; set task_rewards")
     reward_fns = {t: get_reward(reward_names[t]) for t in names}
     scaler = RewardScaler(len(names), cfg.reward_scale)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
+    sources = PromptSources(cfg.tasks, cfg.prompts)
+    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    grad_accum = dist.local_accum(cfg.grad_accum)
+    evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
+                          cfg.micro_batch) if cfg.eval_every else None)
     anchor = None if cfg.anchor == "base" else cfg.anchor
     use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
-    logger = RunLogger(out)
+    logger = RunLogger(out) if dist.is_main else NullLogger()
     logger.log(0, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
                    "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
 
     def save(name: str, step: int) -> Path:
-        lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
         meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
-        return save_lora_checkpoint(out / name, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+        with ema.applied() if ema is not None else nullcontext():
+            if backend.name == "sd3":  # the student in diffusers' LoRA format, config.json naming the base
+                return backend.save_checkpoint(out / name, adapters=[STUDENT], meta=meta)
+            lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
+            return save_lora_checkpoint(out / name, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
 
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2, disable=not dist.is_main)
     step = 0
     for step in bar:
         t_step = time.time()
-        # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories
-        prompts, tasks = draw_prompts(rng, counts)
-        ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
-                              noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
-                              micro_batch=cfg.micro_batch, generator=gen)
+        # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
+        #    several processes every one draws the same prompts and rolls out its share (mine)
+        prompts, tasks, meta = sources.draw_batch(rng, counts)
+        mine = dist.mine(len(prompts))
+        noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
+                            tuple(backend.latent_shape())) if per_group else None
+        ro: Rollout = rollout(backend, [prompts[i] for i in mine], [tasks[i] for i in mine], cfg.group_size,
+                              steps=cfg.sample_steps, cfg=guidance, noise_level=cfg.noise_level, shift=cfg.shift,
+                              method=cfg.sampler, micro_batch=cfg.micro_batch, generator=gen,
+                              metadata=[meta[i] for i in mine], noise=noise)
         t_roll = time.time() - t_step
 
-        # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on)
+        # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on),
+        #    gathered over the processes
         images = backend.decode(ro.final)
-        rewards = score_all(reward_fns, images, ro.prompts, names)  # (B, K), NaN where unreadable
+        rewards = score_tasks(reward_fns, images, ro.prompts, ro.tasks, ro.metadata, names)  # (b, K), NaN: unread
+        rewards_all, all_tasks = dist.gather(rewards), dist.gather_list(ro.tasks)  # (B, K), (B,)
 
-        # 3. route: weights (B, K) over the teachers
-        scaled = scaler(rewards) if cfg.routing != "task" else None
-        W = route(cfg.routing, ro.tasks, names, scaled, cfg.soft_temperature)  # (B, K)
+        # 3. route: weights (B, K) over the teachers (scaled over the global batch), this process's rows
+        scaled = scaler(rewards_all) if cfg.routing != "task" else None
+        W_all = route(cfg.routing, all_tasks, names, scaled, cfg.soft_temperature)  # (B, K)
+        W = dist.local(W_all)  # (b, K)
 
         # 4. update: per-step KL to the routed teachers (+ MAR) on a subset of the steps
         steps_all = ro.trainable_steps()
@@ -382,7 +432,7 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
             opt.zero_grad(set_to_none=True)
             for k, ci in enumerate(order):
                 idx = chunks[ci]
-                n_in_group = min(cfg.grad_accum, len(chunks) - (k // cfg.grad_accum) * cfg.grad_accum)
+                n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
                 for j in train_steps:
                     # teachers (and the anchor) at the student's own states, no gradients, cached
                     if (ci, j) not in cache:
@@ -411,13 +461,19 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
                                                                normalization=cfg.kl_normalization)
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
-                if (k + 1) % cfg.grad_accum == 0 or k == len(order) - 1:
+                if (k + 1) % grad_accum == 0 or k == len(order) - 1:
+                    dist.average_gradients(params)
                     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     n_opt += 1
+                    if ema is not None:
+                        ema.update()
 
-        # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint
+        # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint; the
+        #    numbers of every process, rank 0 writes
+        stats, ro_tasks, rewards, W = dist.gather_list(stats), all_tasks, rewards_all, W_all
+        kl_sum, kl_n, mar_sum, mar_n = (dist.gather(x) for x in (kl_sum, kl_n, mar_sum, mar_n))
         rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": gnorm, "opt_steps": n_opt}
         if cfg.rule == "pg":
             for key in ("clip_frac", "ratio_mean", "approx_kl"):
@@ -426,8 +482,8 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
         rec["kl_teacher"] = kl_i.mean().item()
         if mar_n.sum() > 0:
             rec["kl_anchor"] = mar_i.mean().item()
-        for t in dict.fromkeys(ro.tasks):
-            rows = [i for i, s in enumerate(ro.tasks) if s == t]
+        for t in dict.fromkeys(ro_tasks):
+            rows = [i for i, s in enumerate(ro_tasks) if s == t]
             rec[f"kl_teacher/{t}"] = kl_i[rows].mean().item()
             if mar_n.sum() > 0:
                 rec[f"kl_anchor/{t}"] = mar_i[rows].mean().item()
@@ -442,18 +498,25 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
                                    zip(names, scaler.state()["mean"], scaler.state()["std"])}
         rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
                     "min": round((time.time() - t0) / 60, 2)})
+        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+            rec.update(evaluate())
         if step % cfg.log_every == 0 or step == 1:
             logger.log(step, rec)
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
             save(f"step_{step:06d}", step)
-        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+        if stop:
             bar.write(f"time limit reached at step {step}")
             break
-    final = save("final", step)
+    final = save("final", step) if dist.is_main else out / "final"
     logger.close()
-    (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
-                                                   "rule": cfg.rule, "routing": cfg.routing, "beta": cfg.beta}))
+    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
+    if dist.is_main:
+        (out / "summary.json").write_text(json.dumps(
+            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rule": cfg.rule, "routing": cfg.routing,
+             "beta": cfg.beta, "processes": dist.world, "param_checksums": checksums}))
+    dist.close()
     return final
 
 

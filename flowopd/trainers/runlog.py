@@ -29,3 +29,13 @@ class RunLogger:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLogger:
+    """The logger of processes other than rank 0: records nothing."""
+
+    def log(self, step: int, rec: dict):
+        pass
+
+    def close(self):
+        pass

@@ -1,0 +1,193 @@
+"""What the GRPO and OPD trainers share beyond the toy world: the model keys of their configs
+(which back end, which model, precision, LoRA shape, prompt files, noise, evaluation), adding the
+trained LoRA on either back end, a parameter EMA, and periodic evaluation.
+
+Config keys (`ModelKeys`, a base of GRPOConfig and OPDConfig):
+  backend                 "tiny" (the toy world's model; its checkpoint is GRPO's `init`, OPD's `base`)
+                          or "sd3" (flowopd.backends.sd3 over diffusers)
+  model                   sd3: a diffusers StableDiffusion3Pipeline directory or hub id (--model)
+  resolution, dtype       sd3: image side in pixels; dtype of the frozen weights (fp32 | bf16 | fp16)
+  mixed_precision         sd3: none | fp16 | bf16: the transformer under torch.autocast to that dtype
+  max_sequence_length     sd3: T5 tokens of the prompt embedding
+  gradient_checkpointing  sd3: recompute the transformer's activations in the backward pass
+  lora_init               "" (the back end's default: gaussian for sd3, peft's default for tiny),
+                          "gaussian" or "default"
+  lora_targets            module names the LoRA adapts ([]: the back end's default)
+  prompts                 {task: file or Flow-GRPO dataset dir} or one file (flowopd.prompt_sources);
+                          toy tasks without one use the toy grammar
+  noise                   auto | stream | per_group (flowopd.parallel.noise_mode)
+  eval_every              0: off; n: every n iterations (and after the last) sample the test
+                          prompts with the ODE and log eval/reward[/task]
+  eval_steps, eval_cfg    ODE steps and CFG of that evaluation (eval_cfg null: the model's own)
+  eval_prompts            test prompts per task (0: the whole test split)
+  adam_eps                AdamW's epsilon
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import require
+from ..world.prompts import TASKS
+
+BACKENDS = ("tiny", "sd3")
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+@dataclass
+class ModelKeys:
+    backend: str = "tiny"
+    model: str = ""
+    resolution: int = 512
+    dtype: str = "bf16"
+    mixed_precision: str = "none"
+    max_sequence_length: int = 128
+    gradient_checkpointing: bool = False
+    lora_init: str = ""
+    lora_targets: list[str] = field(default_factory=list)
+    prompts: dict | str = field(default_factory=dict)
+    noise: str = "auto"
+    eval_every: int = 0
+    eval_steps: int = 40
+    eval_cfg: float | None = None
+    eval_prompts: int = 0
+    adam_eps: float = 1e-8
+
+    def validate_model_keys(self):
+        require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "tiny":
+            require(not self.model, "model names a diffusers pipeline for backend: sd3; the tiny back end's "
+                                    "checkpoint is `init` (grpo) or `base` (distill)")
+        else:
+            require(bool(self.model), "backend sd3 needs model: a StableDiffusion3Pipeline directory or hub id "
+                                      "(e.g. --model stabilityai/stable-diffusion-3.5-medium)")
+        require(self.resolution >= 8, "resolution must be >= 8")
+        require(self.dtype in DTYPES, f"dtype must be one of fp32, bf16, fp16, got {self.dtype!r}")
+        require(self.mixed_precision in ("none", "fp16", "bf16"),
+                f"mixed_precision must be none, fp16 or bf16, got {self.mixed_precision!r}")
+        require(self.max_sequence_length >= 1, "max_sequence_length must be >= 1")
+        require(self.lora_init in ("", "default", "gaussian"),
+                f"lora_init must be '', 'default' or 'gaussian', got {self.lora_init!r}")
+        require(self.noise in ("auto", "stream", "per_group"), f"noise must be auto, stream or per_group, got {self.noise!r}")
+        require(self.eval_every >= 0 and self.eval_steps >= 1 and self.eval_prompts >= 0,
+                "eval_every and eval_prompts must be >= 0, eval_steps >= 1")
+        require(self.eval_cfg is None or self.eval_cfg >= 0, "eval_cfg must be >= 0")
+        require(self.adam_eps > 0, "adam_eps must be > 0")
+        if isinstance(self.prompts, dict):
+            for t, src in self.prompts.items():
+                require(isinstance(src, str) and bool(src), f"prompts[{t}] must be a file or directory path")
+        has_file = isinstance(self.prompts, str) and bool(self.prompts)
+        for t in self.tasks:
+            require(t in TASKS or has_file or t in (self.prompts or {}),
+                    f"unknown task {t!r}: not a toy task ({', '.join(TASKS)}); give its prompts (prompts: {{{t}: FILE}})")
+
+    @property
+    def toy_tasks_only(self) -> bool:
+        return all(t in TASKS for t in self.tasks) and not self.prompts
+
+
+def lora_init_value(setting: str, backend):
+    """peft's init_lora_weights for a config's lora_init ("" = the back end's own default)."""
+    if setting == "gaussian":
+        return "gaussian"
+    if setting == "default":
+        return True
+    return "gaussian" if getattr(backend, "name", "tiny") == "sd3" else True
+
+
+def add_trained_adapter(backend, name: str, rank: int, alpha: float, cfg: ModelKeys) -> None:
+    """Add the LoRA a trainer trains, active and trainable, on either back end."""
+    targets = list(cfg.lora_targets) or None
+    init = lora_init_value(cfg.lora_init, backend)
+    if getattr(backend, "name", "tiny") == "sd3":
+        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init, trainable=True)
+    else:
+        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init)
+
+
+class EMA:
+    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * p after each
+    optimizer step; `applied()` swaps the averages in (to save or evaluate) and the live values back."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay = float(decay)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for e, p in zip(self.shadow, self.params):
+            e.lerp_(p.detach(), 1 - self.decay)
+
+    @contextmanager
+    def applied(self):
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.shadow):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
+
+
+class Evaluator:
+    """Evaluation during training (eval_every): one ODE sample (eval_steps, eval_cfg, the training
+    shift) of each test prompt of every task, scored by `reward_fn` (the training reward for GRPO,
+    each task's teacher reward for OPD). Noise is drawn per prompt (seed, prompt index), so the
+    numbers do not depend on the number of processes; prompts are shared out across processes and
+    the rewards gathered. Uses the live weights (not the EMA)."""
+
+    def __init__(self, backend, sources, reward_fn, cfg, dist, shift: float, micro_batch: int):
+        self.backend, self.reward_fn, self.dist = backend, reward_fn, dist
+        self.items = sources.eval_set(cfg.eval_prompts)
+        self.steps, self.shift, self.seed, self.mb = cfg.eval_steps, shift, cfg.seed, micro_batch
+        self.cfg = float(backend.sampling.get("cfg", 1.0) if cfg.eval_cfg is None else cfg.eval_cfg)
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        from ..flow import ode_sample, sigma_grid
+        from ..parallel import group_noise
+        from ..sampling import guided_velocity
+
+        b, dev = self.backend, self.backend.device
+        mine = self.dist.mine(len(self.items))
+        noise = group_noise(self.seed, -1, mine, 1, 0, tuple(b.latent_shape()))[:, 0]  # (n, C, H, W)
+        sigmas = sigma_grid(self.steps, self.shift).to(dev)
+        got = []
+        for i in range(0, len(mine), self.mb):
+            items = [self.items[k] for k in mine[i:i + self.mb]]
+            prompts = [p for p, _, _ in items]
+            cond = b.encode_prompts(prompts)
+            uncond = b.encode_prompts([None] * len(prompts)) if self.cfg != 1.0 else None
+            x = ode_sample(guided_velocity(b, cond, uncond, self.cfg), noise[i:i + self.mb].to(dev), sigmas)
+            meta = [dict(m, task=t) for _, t, m in items]
+            r = self.reward_fn(b.decode(x), prompts, meta)
+            got += [(t, float(v)) for (_, t, _), v in zip(items, r.tolist())]
+        got = self.dist.gather_list(got)
+        rec = {"eval/reward": sum(v for _, v in got) / max(1, len(got)), "eval/n": len(got)}
+        for t in dict.fromkeys(t for t, _ in got):
+            vals = [v for s, v in got if s == t]
+            rec[f"eval/reward/{t}"] = sum(vals) / len(vals)
+        return rec
+
+
+def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> torch.Tensor:
+    """(B, K) rewards of the K teacher tasks `names` for OPD's logging and routing. Toy prompts: every
+    reward on the samples it can read (flowopd.routing.score_all). Prompts from files: each sample
+    scored by its own task's reward only, with its metadata (NaN elsewhere): a GenEval reward cannot
+    read an OCR prompt."""
+    from ..routing import score_all
+
+    if all(t in TASKS for t in list(tasks) + list(names)):
+        return score_all(reward_fns, images, prompts, names)
+    out = torch.full((len(prompts), len(names)), float("nan"))
+    for k, t in enumerate(names):
+        idx = [i for i, s in enumerate(tasks) if s == t]
+        if idx:
+            out[idx, k] = reward_fns[t](images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx]).float()
+    return out

@@ -1,0 +1,165 @@
+"""Models of the SD3 stages: the LoRA a GRPO run starts from, and OPD's teachers, student and anchor
+as named adapters on ONE frozen SD3 transformer (flowopd.backends.sd3.SD3Backend).
+
+A teacher is a LoRA, found at any of:
+  - a GRPO run's --out directory, or its final/ (or step_*/) checkpoint: config.json with backend sd3
+    and adapters/<name>/ in diffusers' LoRA format (what `flowopd grpo` with backend sd3 writes);
+  - a directory or file in diffusers' LoRA format (pytorch_lora_weights.safetensors), or peft's
+    (adapter_config.json + adapter_model.safetensors, e.g. Flow-GRPO's released checkpoints);
+  - a hub id of either.
+
+The OPD student starts from (`init`):
+  - merge: the exact weighted sum of the teachers' LoRA deltas, as one LoRA of rank sum(r_i): the
+    factors concatenated along the rank axis (flowopd.trainers.coldstart.concat_loras; the same
+    algebra as the toy merge), weights from coldstart.weights (default: the mean); it is written to
+    OUT/coldstart as a checkpoint;
+  - none: a fresh LoRA (student_rank, lora_alpha, lora_init, lora_targets);
+  - a LoRA path (any of the forms above), e.g. an earlier cold start, trained from there.
+`sft` is the toy world's only (not built for SD3).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from ..config import ConfigError
+from .coldstart import concat_loras, from_peft_state
+
+
+def resolve_lora(path: str | Path, base_model: str | None = None) -> str | Path:
+    """A LoRA location as `SD3Backend.load_lora` takes it. flowopd SD3 checkpoints (and run
+    directories holding final/) resolve to their one adapter's directory; a checkpoint trained on
+    another base than `base_model` gives a warning."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        p = p / "final"
+    conf_file = p / "config.json"
+    if not conf_file.is_file():
+        return p  # a diffusers or peft LoRA directory
+    try:
+        conf = json.loads(conf_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{conf_file} is not valid JSON: {e}") from None
+    if conf.get("backend") != "sd3":
+        raise ConfigError(f"{p} is a {conf.get('backend')!r} checkpoint, not an SD3 LoRA")
+    adapters = conf.get("adapters") or {}
+    if len(adapters) != 1:
+        raise ConfigError(f"{p} holds adapters {sorted(adapters)}; point at one adapter's directory "
+                          f"({p}/adapters/NAME)")
+    a = next(iter(adapters.values()))
+    trained_on = conf.get("model")
+    if base_model and trained_on and _same_model(trained_on, base_model) is False:
+        warnings.warn(f"{p} was trained on {trained_on}, not on {base_model}", stacklevel=2)
+    return p / a["dir"]
+
+
+def _same_model(a: str, b: str) -> bool | None:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    if pa.exists() != pb.exists():
+        return None  # a local copy of a hub model, perhaps: cannot tell
+    return a == b
+
+
+def lora_factors(backend, name: str):
+    """Adapter `name` as (lora {module: (A, B)}, rank, alpha, targets)."""
+    c = backend.adapter_config(name)
+    if getattr(c, "rank_pattern", None) or getattr(c, "alpha_pattern", None):
+        raise ConfigError(f"adapter {name!r} has per-module ranks or alphas; the merge needs one rank and alpha")
+    return from_peft_state(backend.adapter_state_dict(name)), int(c.r), float(c.lora_alpha), sorted(c.target_modules)
+
+
+def attach_factors(backend, name: str, lora: dict, rank: int, alpha: float, targets, trainable: bool) -> None:
+    """Add `lora` ({module: (A, B)}) to the SD3 backend as adapter `name` (it becomes active)."""
+    from peft import set_peft_model_state_dict
+
+    backend.add_adapter(name, rank=rank, alpha=alpha, targets=list(targets), trainable=trainable)
+    sd = {}
+    for m, (A, B) in lora.items():
+        sd[f"{m}.lora_A.weight"] = A.contiguous()
+        sd[f"{m}.lora_B.weight"] = B.contiguous()
+    res = set_peft_model_state_dict(backend.transformer, sd, adapter_name=name)
+    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+    missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
+    if bad or missing:
+        raise ConfigError(f"adapter {name!r} does not fit the transformer: unexpected {bad[:2]}, missing {missing[:2]}")
+
+
+def merge_teachers(backend, names: list[str], weights: list[float] | None = None):
+    """Exact LoRA of sum_i w_i delta_i over the teacher adapters `names` -> (lora, rank, alpha, targets)."""
+    w = list(weights or [1.0 / len(names)] * len(names))
+    if len(w) != len(names):
+        raise ConfigError(f"coldstart.weights has {len(w)} values for {len(names)} teachers")
+    parts = [lora_factors(backend, n) for n in names]
+    lora = concat_loras([p[0] for p in parts], [p[2] / p[1] for p in parts], w)
+    rank = sum(p[1] for p in parts)
+    targets = sorted(set().union(*[p[3] for p in parts]))
+    return lora, rank, float(rank), targets
+
+
+def setup_sd3_opd(cfg, out: Path, dist, student: str):
+    """OPD on SD3: base + teacher adapters + student adapter (+ the init anchor) on one transformer.
+    -> (backend, bank, teacher names, student params, init info), as opd.setup_models."""
+    from ..backends import make_backend
+    from ..routing import TeacherBank
+    from .common import lora_init_value
+
+    backend = make_backend(cfg, device=dist.device)
+    names = list(cfg.teachers)
+    bank = TeacherBank(backend)
+    for n in names:  # frozen teachers
+        backend.load_lora(n, resolve_lora(cfg.teachers[n], cfg.model))
+        bank.kind[n] = "lora"
+    info = {"init": cfg.init}
+    if cfg.init == "sft":
+        raise ConfigError("init: sft is built for the toy world only; with backend sd3 use merge, none or a LoRA path")
+    if cfg.init == "merge":
+        lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"))
+        if cfg.anchor == "init":
+            attach_factors(backend, "init", lora, rank, alpha, targets, trainable=False)
+        attach_factors(backend, student, lora, rank, alpha, targets, trainable=True)
+        info["coldstart"] = str(out / "coldstart")
+        info["student_rank"] = rank
+        backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
+                                meta={"trainer": "coldstart", "method": "merge", "teachers": dict(cfg.teachers),
+                                      "weights": cfg.coldstart.get("weights") or "mean"})
+    elif cfg.init == "none":
+        backend.add_adapter(student, rank=cfg.student_rank, alpha=cfg.lora_alpha or cfg.student_rank,
+                            targets=list(cfg.lora_targets) or None, init=lora_init_value(cfg.lora_init, backend),
+                            trainable=True)
+    else:
+        path = resolve_lora(cfg.init, cfg.model)
+        if cfg.anchor == "init":
+            backend.load_lora("init", path)
+        backend.load_lora(student, path, trainable=True)
+        info["coldstart"] = str(cfg.init)
+    if cfg.anchor == "init":
+        bank.kind["init"] = "lora"
+    backend.set_adapter(student)
+    params = backend.trainable_parameters()
+    if not params:
+        raise ConfigError("the student adapter has no trainable parameters")
+    return backend, bank, names, params, info
+
+
+def setup_sd3_grpo(cfg, dist):
+    """GRPO on SD3: the base with the trained adapter cfg.name (fresh, or from the LoRA at cfg.init)."""
+    from ..backends import make_backend
+    from .common import add_trained_adapter
+
+    if cfg.finetune != "lora":
+        raise ConfigError("backend sd3 trains LoRA adapters only (finetune: lora)")
+    backend = make_backend(cfg, device=dist.device)
+    if cfg.init in ("", "base"):
+        add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
+    else:
+        backend.load_lora(cfg.name, resolve_lora(cfg.init, cfg.model), trainable=True)
+        backend.set_adapter(cfg.name)
+    return backend
+
+
+__all__ = ["attach_factors", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]
