@@ -29,6 +29,13 @@ The loop, top to bottom (each iteration of `train_opd`):
   5. log per task (KL to its teacher, MAR KL, rewards, routing shares) to JSONL (+ tensorboard
      when installed), tqdm bar; checkpoint (merged full weights + adapters/student.safetensors).
 
+Faults (flowopd.trainers.checkpointing): every `state_every` iterations the run state (student
+adapter, optimizer, reward scaler, RNG states) goes to out/state; rerunning the same command on
+the same --out resumes from the newest intact one, bit for bit on the CPU (the cold start in
+out/coldstart is reused). A NaN/Inf loss or gradient skips that optimizer step (logged);
+`max_bad_steps` in a row stop the run with a state of the last good weights. Rewards are only
+logged (and NaN where a reward cannot read a sample), so they are not checked.
+
 Departures from the paper / DESIGN.md (and why):
   - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
     depends only on the state x_k, not on the action x_k+1, so E[A_k grad log pi(x_k+1|x_k)] =
@@ -69,6 +76,7 @@ Departures from the paper / DESIGN.md (and why):
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
@@ -79,8 +87,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .checkpointing import RunState, identity, prepare_out
 from .runlog import RunLogger
-from ..config import ConfigError, build, load_yaml, require, to_dict
+from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
+from ..state import atomic_dir, fault_point
 from ..flow import step_kl
 from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route, score_all
@@ -140,9 +150,12 @@ class OPDConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0             # torch CPU threads (0: torch's default)
-    save_every: int = 0              # 0: only the final checkpoint
+    save_every: int = 0              # loadable checkpoint out/step_N every N iterations (0: only out/final)
+    state_every: int = 1             # resumable state out/state every N iterations (0: only at the end)
+    max_bad_steps: int = 5           # non-finite losses / gradients in a row before stopping
     max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
     log_every: int = 1
+    prompts: str = ""                # "": the world's train split; else a prompt file (text or JSONL)
 
     def validate(self):
         require(len(self.teachers) >= 1, "teachers must map at least one task to a checkpoint")
@@ -178,8 +191,16 @@ class OPDConfig:
         require(self.micro_batch >= 1 and self.grad_accum >= 1 and self.inner_epochs >= 1, "micro_batch, grad_accum, inner_epochs must be >= 1")
         require(0 < self.timestep_fraction <= 1, "timestep_fraction must be in (0, 1]")
         require(self.lr > 0, "lr must be > 0")
+        require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
+        require(self.save_every >= 0 and self.state_every >= 0 and self.max_minutes >= 0 and self.log_every >= 1,
+                "save_every, state_every and max_minutes must be >= 0, log_every >= 1")
+        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         for k in self.coldstart:
-            require(k in ColdStartConfig.__dataclass_fields__, f"unknown coldstart key {k!r}")
+            require(k in ColdStartConfig.__dataclass_fields__,
+                    f"unknown coldstart key {k!r}{_closest(k, ColdStartConfig.__dataclass_fields__)}")
+        if self.init in ("merge", "sft"):
+            build(ColdStartConfig, {k: v for k, v in self.coldstart.items() if k not in ("base", "device")})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -198,10 +219,14 @@ def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
     return counts
 
 
-def draw_prompts(rng: random.Random, counts: dict[str, int]) -> tuple[list[str], list[str]]:
-    """Train-split prompts of every task, shuffled into one mixed batch -> (prompts, tasks)."""
+def draw_prompts(rng: random.Random, counts: dict[str, int], pool: dict[str, list[str]] | None = None
+                 ) -> tuple[list[str], list[str]]:
+    """Prompts of every task, shuffled into one mixed batch -> (prompts, tasks): the world's train
+    split, or a draw (with replacement) from `pool` (task -> prompts, flowopd.io.prompt_pool)."""
     tasks = [t for t, n in counts.items() for _ in range(n)]
     rng.shuffle(tasks)
+    if pool:
+        return [rng.choice(pool[t]) for t in tasks], tasks
     return [sample_prompt(rng, t, "train").text for t in tasks], tasks
 
 
@@ -260,13 +285,14 @@ def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, s
     return loss, kl.detach(), st
 
 
-def setup_models(cfg: OPDConfig, out: Path):
+def setup_models(cfg: OPDConfig, out: Path, teachers: dict | None = None, overwrite: bool = False):
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
+    teachers: load_teachers(cfg.teachers, cfg.base) when already read.
     -> (backend, bank, teacher names, student params, init info)."""
     from ..backends import load_checkpoint
 
     backend = load_checkpoint(cfg.base, cfg.device)
-    teachers = load_teachers(cfg.teachers, cfg.base)
+    teachers = teachers if teachers is not None else load_teachers(cfg.teachers, cfg.base)
     bank = TeacherBank(backend)
     names = list(teachers)
     # the student's starting point (the cold start), as a LoRA on the same base
@@ -275,7 +301,8 @@ def setup_models(cfg: OPDConfig, out: Path):
     if cfg.init in ("merge", "sft"):
         cs_cfg = build(ColdStartConfig, {"seed": cfg.seed, "num_threads": cfg.num_threads, **cfg.coldstart,
                                          "base": cfg.base, "device": cfg.device})
-        cs = coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg)
+        cs = coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg,
+                       overwrite=overwrite)
     elif cfg.init != "none":
         cs = resolve_teacher_dir(cfg.init)
     for name in names:  # teachers first; the student is made active last
@@ -310,13 +337,14 @@ def setup_models(cfg: OPDConfig, out: Path):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
-    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
+def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
+    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
+    -> out/final."""
+    from ..io import prompt_pool
     from ..rewards import get_reward
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -325,34 +353,50 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
-    backend, bank, names, params, info = setup_models(cfg, out)
-    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
+    # bad input (base, teachers, init, rewards, prompt file, --out) is refused before anything is written
+    teachers = load_teachers(cfg.teachers, cfg.base)
+    if cfg.init not in ("merge", "sft", "none"):
+        resolve_teacher_dir(cfg.init)
     reward_names = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
-    missing = [t for t in names if t not in reward_names]
+    missing = [t for t in teachers if t not in reward_names]
     if missing:
         raise ConfigError(f"no reward for teacher task(s) {missing}; set task_rewards")
-    reward_fns = {t: get_reward(reward_names[t]) for t in names}
+    reward_fns = {t: get_reward(reward_names[t]) for t in teachers}
+    pool = prompt_pool(cfg.prompts, cfg.tasks) if cfg.prompts else None
+    prepare_out(out, identity(cfg), overwrite, resume, clear=("state", "train_log.jsonl", "coldstart"))
+
+    backend, bank, names, params, info = setup_models(cfg, out, teachers, overwrite)
+    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     scaler = RewardScaler(len(names), cfg.reward_scale)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
     anchor = None if cfg.anchor == "base" else cfg.anchor
     use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
-    logger = RunLogger(out)
-    logger.log(0, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
+    student = {n: p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
+    run = RunState(out, student, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps,
+                   extra={"scaler.mean": scaler.mean, "scaler.var": scaler.var, "scaler.seen": scaler.seen},
+                   generators={"gen": gen}, randoms={"rng": rng})
+    start = run.resume()  # the newest intact state in out/state, if any
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = run.logger = RunLogger(out)
+    logger.log(start, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
                    "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
 
     def save(name: str, step: int) -> Path:
         lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
         meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
-        return save_lora_checkpoint(out / name, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+        with atomic_dir(out / name) as tmp:
+            save_lora_checkpoint(tmp, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+        return out / name
 
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2)
-    step = 0
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
+               initial=start, total=cfg.steps)
+    step = start
     for step in bar:
         t_step = time.time()
         # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories
-        prompts, tasks = draw_prompts(rng, counts)
+        prompts, tasks = draw_prompts(rng, counts, pool)
         ro: Rollout = rollout(backend, prompts, tasks, cfg.group_size, steps=cfg.sample_steps, cfg=guidance,
                               noise_level=cfg.noise_level, shift=cfg.shift, method=cfg.sampler,
                               micro_batch=cfg.micro_batch, generator=gen)
@@ -374,7 +418,7 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
         kl_sum, kl_n = torch.zeros(B), torch.zeros(B)
         mar_sum, mar_n = torch.zeros(B), torch.zeros(B)
         cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
-        stats, n_opt, gnorm = [], 0, 0.0
+        stats, n_opt, gnorm, loss_ok = [], 0, 0.0, True
         chunks = ro.chunks()
         train_steps = sorted(rng.sample(steps_all, n_train))  # the same steps in every inner epoch
         for _ in range(cfg.inner_epochs):
@@ -411,11 +455,15 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
                                                                normalization=cfg.kl_normalization)
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
+                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % cfg.grad_accum == 0 or k == len(order) - 1:
                     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                    opt.step()
+                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
+                        opt.step()
+                        n_opt += 1
+                        fault_point("update", step)
                     opt.zero_grad(set_to_none=True)
-                    n_opt += 1
+                    loss_ok = True
 
         # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint
         rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": gnorm, "opt_steps": n_opt}
@@ -447,9 +495,11 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save(f"step_{step:06d}", step)
+        run.step_done(step)
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             bar.write(f"time limit reached at step {step}")
             break
+    run.finish(step)
     final = save("final", step)
     logger.close()
     (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
@@ -482,9 +532,10 @@ def load_config(config_path: str | Path | None, overrides: list[str] | None = No
     return build(OPDConfig, data, rest)
 
 
-def main_distill(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None) -> Path:
+def main_distill(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,
+                 overwrite: bool = False, resume: bool = False) -> Path:
     """CLI entry: `flowopd distill --config FILE --out DIR [key=value ...]` -> the final checkpoint."""
     cfg = load_config(config_path, overrides)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
-    return train_opd(cfg, out)
+    return train_opd(cfg, out, overwrite, resume)
