@@ -310,3 +310,31 @@ def test_coldstart_sft_nan_loss_is_skipped_and_a_stream_stops(base, teachers, tm
     with pytest.raises(NonFiniteError, match="stopped at step 3: 2 non-finite updates"):
         coldstart("sft", teachers, tmp_path / "run2", cfg)
     assert states(tmp_path / "run2") == ["step_00000003"]
+
+
+def test_pipeline_stage_killed_mid_training_resumes_from_its_state(tmp_path, monkeypatch, capsys):
+    """`flowopd run` (quick preset, shipped base): the teacher-quality stage is interrupted in its
+    second iteration; running the stage again continues from the state of iteration 1 and
+    publishes the same teacher as a stage that never stopped."""
+    import flowopd.trainers.grpo as grpo
+    from flowopd.pipeline import Pipeline, RunConfig
+
+    def stage(out):
+        p = Pipeline(out, "quick", RunConfig())
+        p.s_base()
+        p.s_grpo("teacher-quality", "toy_grpo_quality.yaml", "grpo_quality")
+        return out / "checkpoints" / "teacher-quality"
+
+    ref = stage(tmp_path / "ref")
+    with monkeypatch.context() as m:
+        m.setattr(grpo, "fault_point", kill_at("update", 2))
+        with pytest.raises(Killed):
+            stage(tmp_path / "run")
+    assert states(tmp_path / "run" / "work" / "teacher-quality") == ["step_00000001"]
+    capsys.readouterr()
+    got = stage(tmp_path / "run")
+    assert "resuming from step 1" in capsys.readouterr().err
+    assert not (got / "state").exists()  # states stay in the work folder
+    for f in ("model.safetensors", "adapters/quality.safetensors"):
+        a, b = load_file(str(got / f)), load_file(str(ref / f))
+        assert all(torch.equal(a[k], b[k]) for k in a), f

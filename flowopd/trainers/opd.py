@@ -182,7 +182,9 @@ class OPDConfig:
                 f"anchor must be 'base', 'init' or a teacher's task ({sorted(self.teachers)}), got {self.anchor!r}")
         require(not (self.anchor == "init" and self.init == "none"), "anchor 'init' needs a cold start (init)")
         require(self.student_rank >= 1, "student_rank must be >= 1")
-        require(self.steps >= 1 and self.prompts_per_step >= 1 and self.group_size >= 1, "steps, prompts_per_step, group_size must be >= 1")
+        require(self.steps >= 1, "steps must be >= 1")
+        require(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
+        require(self.group_size >= 1, "group_size must be >= 1")
         require(self.sample_steps >= 1, "sample_steps must be >= 1")
         require((self.cfg is None or self.cfg >= 0) and self.noise_level > 0 and self.shift > 0,
                 "cfg >= 0, noise_level > 0, shift > 0")
