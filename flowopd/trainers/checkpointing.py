@@ -41,7 +41,7 @@ import torch
 from ..backends.tiny import CheckpointError
 from ..config import to_dict
 from ..errors import UserError
-from ..state import (check_out_dir, fault_point, latest_state, optimizer_from_flat, optimizer_to_flat,
+from ..state import (check_out_dir, latest_state, optimizer_from_flat, optimizer_to_flat,
                      restore_rng, rng_state, save_state, verify_state)
 
 KEEP = 2  # complete states kept on disk: the newest, and the one before in case the newest is damaged
