@@ -200,6 +200,11 @@ def test_state_from_another_model_is_refused_with_the_tensor_named(w, tmp_path, 
     assert "lora_" in line
 
 
+def test_pretrain_resume_without_a_state_is_refused(tmp_path, capsys):
+    out = tmp_path / "pt"
+    refused(capsys, ["pretrain", "--out", out, "--steps=1", "--resume"], "--resume: no complete checkpoint in", out)
+
+
 def test_out_that_is_a_file_is_refused(w, tmp_path, capsys):
     f = tmp_path / "f"
     f.write_text("not a folder")
