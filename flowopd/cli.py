@@ -89,6 +89,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = load(PretrainConfig, args.config, args.overrides)
     _device(cfg.device)
+    _check_resume(args)
     final = pretrain(cfg, args.out, overwrite=args.overwrite)
     print(f"final EMA weights: {final}", file=sys.stderr)
     return 0
@@ -106,10 +107,19 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _check_resume(args) -> None:
+    """--resume needs an intact state in OUT/state (the trainers check it for their own runs too)."""
+    if getattr(args, "resume", False):
+        from .trainers.checkpointing import has_state
+
+        if not has_state(Path(args.out) / "state"):
+            raise UserError(f"--resume: no complete checkpoint in {Path(args.out) / 'state'}")
+
+
 def cmd_grpo(args) -> int:
     from .trainers.grpo import main_grpo
 
-    final = main_grpo(args.config, args.out, _model_overrides(args))
+    final = main_grpo(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
     if _rank0():
         print(f"final checkpoint: {final}", file=sys.stderr)
     return 0
@@ -118,7 +128,8 @@ def cmd_grpo(args) -> int:
 def cmd_coldstart(args) -> int:
     from .trainers.coldstart import main_coldstart
 
-    final = main_coldstart(args.method, args.teachers, args.out, args.overrides)
+    final = main_coldstart(args.method, args.teachers, args.out, args.overrides, overwrite=args.overwrite,
+                           resume=args.resume)
     print(f"cold-start checkpoint: {final}", file=sys.stderr)
     return 0
 
@@ -126,7 +137,7 @@ def cmd_coldstart(args) -> int:
 def cmd_distill(args) -> int:
     from .trainers.opd import main_distill
 
-    final = main_distill(args.config, args.out, _model_overrides(args))
+    final = main_distill(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
     if _rank0():
         print(f"final checkpoint: {final}", file=sys.stderr)
     return 0
@@ -159,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
         sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
+    def resume_flags(sp):
+        sp.add_argument("--resume", action="store_true",
+                        help="continue from the last complete checkpoint in OUT/state (an error if there is "
+                             "none); rerunning the same command on the same --out resumes too")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="allow an --out that holds another run's config (its states and log are removed)")
+
     sp = sub.add_parser("sample", help="sample one 32x32 PNG per prompt, plus manifest.jsonl",
                         description="Sample one image per prompt with the ODE sampler and write DIR/0000.png ... "
                                     "and DIR/manifest.jsonl ({prompt, task, file} per line).")
@@ -190,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     sp.add_argument("--out", required=True, help="output directory for checkpoints and logs; "
                                                   "rerunning on the same --out resumes from its last state")
-    sp.add_argument("--overwrite", action="store_true", help="allow an --out that holds another run's config")
+    resume_flags(sp)
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=1000")
     sp.set_defaults(func=cmd_pretrain)
 
@@ -203,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "GPUs under `accelerate launch -m flowopd grpo ...`.")
     sp.add_argument("--config", default=None, help="YAML config")
     sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
-    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--out", required=True, help="output directory; rerunning on the same --out resumes")
+    resume_flags(sp)
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --steps=10")
     sp.set_defaults(func=cmd_grpo)
 
@@ -214,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", required=True, choices=["merge", "sft"], help="merge or sft")
     sp.add_argument("--teachers", required=True, nargs="+", metavar="DIR",
                     help="teacher checkpoints or GRPO run folders (TASK=DIR to name the task)")
-    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--out", required=True, help="output checkpoint directory; rerunning on the same --out "
+                                                  "resumes an interrupted sft")
+    resume_flags(sp)
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --weights=[0.5,0.25,0.25]")
     sp.set_defaults(func=cmd_coldstart)
 
@@ -225,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "SD3.5: configs/sd35m_opd.yaml with --model.")
     sp.add_argument("--config", default=None, help="YAML config")
     sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
-    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--out", required=True, help="output directory; rerunning on the same --out resumes")
+    resume_flags(sp)
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --beta=0 teachers.text=DIR")
     sp.set_defaults(func=cmd_distill)
 

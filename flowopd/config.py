@@ -51,6 +51,11 @@ def _coerce(name: str, value, tp):
         out = [_coerce(name, v, inner) for v in value]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)

@@ -35,7 +35,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     """A text file (one prompt a line) or JSONL ({"prompt": ..., "task": ...}) -> [{prompt, task}].
 
     Blank lines are skipped. A missing task is inferred from the grammar (None for a
-    prompt outside it). Errors name the line.
+    prompt outside it; "tagged" says whether the file gave the task). Errors name the line.
     """
     path = Path(path)
     text = _read_text(path, "prompt file")
@@ -50,7 +50,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
         where = f"{path}, line {n}"
         if len(line) > MAX_PROMPT_CHARS + (64 if jsonl else 0):
             raise UserError(f"{where}: line is longer than {MAX_PROMPT_CHARS} characters")
-        task = None
+        task, tagged = None, False
         if jsonl:
             try:
                 rec = json.loads(line)
@@ -59,6 +59,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise UserError(f'{where}: expected an object with a "prompt" string')
             prompt, task = rec["prompt"].strip(), rec.get("task")
+            tagged = task is not None
             if task is not None and task not in TASKS:
                 raise UserError(f"{where}: unknown task {task!r}; tasks are {', '.join(TASKS)}")
         else:
@@ -72,12 +73,40 @@ def read_prompt_file(path: str | Path) -> list[dict]:
                 task = infer_task(prompt)
             except PromptError:
                 task = None
-        out.append({"prompt": prompt, "task": task, "line": n})
+        out.append({"prompt": prompt, "task": task, "line": n, "tagged": tagged})
         if len(out) > MAX_PROMPTS:
             raise UserError(f"{path}: more than {MAX_PROMPTS} prompts")
     if not out:
         raise UserError(f"prompt file {path} holds no prompts")
     return out
+
+
+def prompt_pool(path: str | Path, tasks: list[str]) -> dict[str, list[str]]:
+    """Training prompts of a run from a prompt file -> {task: [prompt, ...]} for the run's tasks.
+
+    A prompt's task is its JSONL "task"; untagged prompts train the run's task when it has one,
+    else the task the grammar infers. compose and text prompts must be sentences of the toy
+    world's grammar (their rewards read the prompt). Every task needs at least one prompt.
+    Errors name the file and line."""
+    pool: dict[str, list[str]] = {t: [] for t in tasks}
+    for r in read_prompt_file(path):
+        where = f"{path}, line {r['line']}"
+        task = r["task"] if r["tagged"] or len(tasks) != 1 else tasks[0]
+        if task is None:
+            raise UserError(f"{where}: {r['prompt']!r} is outside the toy grammar and has no task; "
+                            'tag it in JSONL ({"prompt": ..., "task": ...})')
+        if task not in pool:
+            raise UserError(f"{where}: task {task!r} is not one of this run's tasks ({', '.join(tasks)})")
+        if task in ("compose", "text"):
+            try:
+                make_prompt(r["prompt"], task)
+            except PromptError as e:
+                raise UserError(f"{where}: {e}") from None
+        pool[task].append(r["prompt"])
+    empty = [t for t, ps in pool.items() if not ps]
+    if empty:
+        raise UserError(f"prompt file {path} has no prompts for task(s) {', '.join(empty)}")
+    return pool
 
 
 def read_manifest(folder: str | Path):

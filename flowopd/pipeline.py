@@ -6,7 +6,9 @@ base -> three GRPO teachers -> GRPO-Mix -> cold starts (merge, sft) -> OPD
 Every stage writes into OUT/work/<stage>/ and, only when it is complete,
 OUT/stages/<stage>.json (its wall-clock seconds and outputs). A second run skips
 stages with a marker; a run stopped anywhere (Ctrl-C, kill -9) redoes only the
-stage that was in flight. Final models are copied to OUT/checkpoints/<model>/.
+stage that was in flight, and a training stage continues from the last state its
+trainer saved in OUT/work/<stage>/ (flowopd.trainers.checkpointing). Final models
+are copied to OUT/checkpoints/<model>/.
 """
 from __future__ import annotations
 
@@ -103,11 +105,11 @@ class Pipeline:
         os.replace(tmp, self.marker(name))
 
     def work(self, name: str) -> Path:
-        """A fresh work folder for a stage (a half-done one from a killed run is cleared)."""
+        """The work folder of a stage. A killed run's folder is kept: its trainer resumes from the
+        state saved there when the stage's config is the same, and starts over otherwise (the
+        stages run their trainers with overwrite=True)."""
         w = self.out / "work" / name
-        if w.exists():
-            shutil.rmtree(w)
-        w.mkdir(parents=True)
+        w.mkdir(parents=True, exist_ok=True)
         return w
 
     def publish(self, model: str, ckpt: Path) -> Path:
@@ -116,7 +118,7 @@ class Pipeline:
         tmp = dst.with_name(f".{model}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(ckpt, tmp)
+        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("state", "sft_data"))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -152,7 +154,7 @@ class Pipeline:
         w = self.work(model)
         over = list(self.p["grpo"]) + list(self.rc.grpo) + list(getattr(self.rc, extra_key))
         over.append(f"init={self.ckpt('base')}")
-        final = main_grpo(REPO_CONFIGS / config, w, over)
+        final = main_grpo(REPO_CONFIGS / config, w, over, overwrite=True)
         self.publish(model, final)
 
     def teachers(self) -> dict[str, str]:
@@ -165,7 +167,7 @@ class Pipeline:
         over = [f"base={self.ckpt('base')}"]
         if method == "sft":
             over += list(self.p["coldstart_sft"]) + list(self.rc.coldstart_sft)
-        final = main_coldstart(method, [f"{t}={d}" for t, d in self.teachers().items()], w, over)
+        final = main_coldstart(method, [f"{t}={d}" for t, d in self.teachers().items()], w, over, overwrite=True)
         self.publish(f"coldstart-{method}", final)
 
     def s_opd(self, model: str, config: str, extra: list[str]):
@@ -176,7 +178,7 @@ class Pipeline:
         over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
         over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
         over += list(self.p["distill"]) + list(self.rc.distill) + extra
-        final = main_distill(REPO_CONFIGS / config, w, over)
+        final = main_distill(REPO_CONFIGS / config, w, over, overwrite=True)
         self.publish(model, final)
 
     def eval_args(self) -> dict:

@@ -33,11 +33,10 @@ SPLITS = ("train", "test")
 def read_prompt_records(path: str | Path) -> list[dict]:
     """A .txt (one prompt a line) or .jsonl ({"prompt": ..., [task], [metadata...]}) file ->
     [{"prompt": str, "task": str | None, "metadata": dict}]. Errors name the line."""
+    from .io import MAX_PROMPT_CHARS, _read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read prompt file {path}: {e}") from None
+    text = _read_text(path, "prompt file")  # missing, binary, not UTF-8: one clear error
     lines = text.splitlines()
     first = next((ln.strip() for ln in lines if ln.strip()), "")
     jsonl = path.suffix == ".jsonl" or first.startswith("{")
@@ -47,7 +46,9 @@ def read_prompt_records(path: str | Path) -> list[dict]:
         if not line:
             continue
         if not jsonl:
-            out.append({"prompt": line, "task": None, "metadata": {}})
+            if len(line) > MAX_PROMPT_CHARS:
+                raise ConfigError(f"{path}, line {n}: line is longer than {MAX_PROMPT_CHARS} characters")
+            out.append({"prompt": line, "task": None, "metadata": {}, "line": n})
             continue
         try:
             rec = json.loads(line)
@@ -58,7 +59,9 @@ def read_prompt_records(path: str | Path) -> list[dict]:
         task = rec.pop("task", None)
         if task is not None and not isinstance(task, str):
             raise ConfigError(f"{path}, line {n}: task must be a string, got {task!r}")
-        out.append({"prompt": rec["prompt"].strip(), "task": task, "metadata": rec})
+        if len(rec["prompt"].strip()) > MAX_PROMPT_CHARS:
+            raise ConfigError(f"{path}, line {n}: prompt is longer than {MAX_PROMPT_CHARS} characters")
+        out.append({"prompt": rec["prompt"].strip(), "task": task, "metadata": rec, "line": n})
     if not out:
         raise ConfigError(f"prompt file {path} holds no prompts")
     return out
@@ -136,7 +139,13 @@ class PromptSources:
                 raise ConfigError(f"prompts names task(s) {extra} that are not in tasks {tasks}")
             self.sources = {t: PromptSource(t, prompts.get(t), categories=categories) for t in tasks}
         else:
-            self.sources = {t: PromptSource(t, prompts, shared=True) for t in tasks}
+            path = Path(prompts)
+            if path.is_file():  # one file for every task: its tags must name tasks of this run
+                for r in read_prompt_records(path):
+                    if r["task"] is not None and r["task"] not in tasks:
+                        raise ConfigError(f"{path}, line {r['line']}: task {r['task']!r} is not one of this "
+                                          f"run's tasks ({', '.join(tasks)})")
+            self.sources = {t: PromptSource(t, prompts, shared=True, categories=categories) for t in tasks}
 
     @property
     def all_toy(self) -> bool:

@@ -8,6 +8,9 @@ renamed into place; ``state.json`` goes last, so a folder without a valid one is
 incomplete and never loaded. The previous state is deleted only after the new
 one is complete. ``latest_state`` returns the newest state that verifies,
 falling back to older ones when the newest is damaged (truncated by hand, say).
+
+``fault_point`` is the test hook the resume tests kill processes with: a real
+code path, inert unless the environment variable FLOWOPD_KILL_AT names the point.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import json
 import os
 import random
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Kill this process with SIGKILL here when FLOWOPD_KILL_AT lists ``name@step``.
+
+    FLOWOPD_KILL_AT is a comma-separated list such as ``update@3,state.tensors@4``. The points:
+    ``update`` (the trainers, right after the first optimizer step of an iteration),
+    ``state.tensors`` (a state's tensor file written, its state.json not yet),
+    ``state.json`` (both written, the folder not yet renamed into place),
+    ``state.renamed`` (renamed into place, the older states not yet deleted).
+    Inert (one dictionary lookup) when the variable is unset."""
+    spec = os.environ.get("FLOWOPD_KILL_AT")
+    if spec and f"{name}@{step}" in spec.replace(" ", "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sha256(path: Path) -> str:
@@ -70,8 +89,10 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, rest: dict, p
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
-def rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict, dict]:
-    """Torch (CPU, CUDA, named generators), numpy and python RNG states -> (tensors, JSON)."""
+def rng_state(generators: dict[str, torch.Generator] | None = None,
+              randoms: dict[str, random.Random] | None = None) -> tuple[dict, dict]:
+    """Torch (CPU, CUDA, named generators), numpy, python (global and named random.Random) RNG
+    states -> (tensors, JSON)."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -80,11 +101,13 @@ def rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dic
         tensors[f"rng.gen.{name}"] = g.get_state()
     np_state = np.random.get_state()
     js = {"python": _jsonable(random.getstate()),
-          "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+          "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+          "randoms": {name: _jsonable(r.getstate()) for name, r in (randoms or {}).items()}}
     return tensors, js
 
 
-def restore_rng(tensors: dict, js: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(tensors: dict, js: dict, generators: dict[str, torch.Generator] | None = None,
+                randoms: dict[str, random.Random] | None = None) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
@@ -93,6 +116,8 @@ def restore_rng(tensors: dict, js: dict, generators: dict[str, torch.Generator] 
     for name, g in (generators or {}).items():
         g.set_state(tensors[f"rng.gen.{name}"])
     random.setstate(_tupled(js["python"]))
+    for name, r in (randoms or {}).items():
+        r.setstate(_tupled(js["randoms"][name]))
     st = js["numpy"]
     np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
 
@@ -122,6 +147,7 @@ def save_state(root: str | Path, step: int, tensors: dict[str, torch.Tensor], me
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tfile))
     with open(tfile, "rb+") as f:
         os.fsync(f.fileno())
+    fault_point("state.tensors", step)
     info = {"step": step, "meta": meta, "tensors_bytes": tfile.stat().st_size, "tensors_sha256": _sha256(tfile)}
     jfile = tmp / "state.json"
     with open(jfile, "w") as f:
@@ -129,10 +155,12 @@ def save_state(root: str | Path, step: int, tensors: dict[str, torch.Tensor], me
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    fault_point("state.json", step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
+    fault_point("state.renamed", step)
     complete = sorted(p for p in root.glob("step_*") if verify_state(p) is None)
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -178,6 +206,38 @@ def latest_state(root: str | Path, log=None) -> tuple[int, dict, dict] | None:
             continue
         return info["step"], tensors, info["meta"]
     return None
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary folder beside `final`; when the block succeeds, its files are fsynced and
+    it is renamed to `final` (an older `final` is moved aside first and deleted after). A block that
+    fails, or a process killed inside it, leaves `final` as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = final.with_name(f".tmp_{final.name}"), final.with_name(f".old_{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(f)
+    _fsync_dir(tmp)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_out_dir(out: str | Path, config: dict, overwrite: bool = False, name: str = "config.json") -> None:

@@ -144,16 +144,17 @@ def test_pretrain_resume_is_exact_and_skips_truncated_state(tmp_path):
     common = ["--batch_size=4", "--dataset_size=8", "--channels=[8,8,8]", "--device=cpu", "--state_every=2", "--warmup=2"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert run("pretrain", "--out", str(a), "--steps=6", *common).returncode == 0
-    # b stops at 4 (states at 2 and 4), its newest state is then damaged by hand
-    assert run("pretrain", "--out", str(b), "--steps=4", *common).returncode == 0
+    # b stops at 6 (states at 2, 4, 6; the two newest are kept), its newest state is then damaged by hand
+    assert run("pretrain", "--out", str(b), "--steps=6", *common).returncode == 0
     states = sorted((b / "state").glob("step_*"))
-    assert [s.name for s in states] == ["step_00000004"]  # the older one is gone once the newer is complete
+    assert [s.name for s in states] == ["step_00000004", "step_00000006"]
     t = states[-1] / "tensors.safetensors"
     t.write_bytes(t.read_bytes()[:100])
     r = run("pretrain", "--out", str(b), "--steps=6", *common)
     assert r.returncode == 0, r.stderr
     assert "skipping damaged checkpoint" in r.stderr and "truncated" in r.stderr
-    # nothing intact to resume from: it starts over and still lands on a's parameters
+    # the previous state is used: steps 5 and 6 again, landing on a's parameters
+    assert "resuming from step 4" in r.stderr
     pa, pb = _params(a), _params(b)
     assert all(torch_equal(pa[k], pb[k]) for k in pa)
 

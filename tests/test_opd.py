@@ -137,8 +137,8 @@ def test_an_opd_step_changes_only_the_student(world, tmp_path, monkeypatch):
     captured = {}
     real = opd.setup_models
 
-    def spy(cfg, out):
-        res = real(cfg, out)
+    def spy(cfg, out, *args, **kw):
+        res = real(cfg, out, *args, **kw)
         backend = res[0]
         captured["backend"] = backend
         captured["before"] = {n: p.detach().clone() for n, p in backend.model.named_parameters()}

@@ -26,7 +26,7 @@ from flowopd.backends import make_backend  # noqa: E402
 from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend, tiny_sd3_components  # noqa: E402
 from flowopd.config import ConfigError, load  # noqa: E402
 from flowopd.prompt_sources import PromptSources, read_prompt_records  # noqa: E402
-from flowopd.trainers.grpo import GRPOConfig, draw_prompts  # noqa: E402
+from flowopd.trainers.grpo import GRPOConfig  # noqa: E402
 from flowopd.trainers.opd import OPDConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,12 @@ def test_prompt_files_and_dataset_dirs(tmp_path):
 
 def test_toy_prompts_are_drawn_as_before():
     counts = {"compose": 3, "text": 2, "quality": 1}
-    a = draw_prompts(random.Random(5), counts)
+    from flowopd.world.prompts import sample_prompt
+
+    rng = random.Random(5)  # the trainers' draw before prompt sources existed
+    tasks = [t for t, n in counts.items() for _ in range(n)]
+    rng.shuffle(tasks)
+    a = ([sample_prompt(rng, t, "train").text for t in tasks], tasks)
     b = PromptSources(list(counts), {}).draw_batch(random.Random(5), counts)
     assert b[:2] == a and b[2] == [{}] * 6
 

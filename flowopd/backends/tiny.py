@@ -23,6 +23,7 @@ from ..world.render import to_uint8
 from .tiny_model import TinyConfig, TinyUNet, Tokenizer
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
+BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package writes
 
 
 class CheckpointError(UserError, ValueError):
@@ -140,6 +141,14 @@ def save_checkpoint(backend: TinyBackend, out: str | Path, meta: dict | None = N
     return out
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a missing, truncated or damaged file is a CheckpointError."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on truncated files
+        raise CheckpointError(f"{path} is unreadable or truncated: {e}") from None
+
+
 def load_checkpoint(name: str | Path, device: str = "cpu") -> TinyBackend:
     path = resolve_checkpoint(name)
     try:
@@ -147,15 +156,16 @@ def load_checkpoint(name: str | Path, device: str = "cpu") -> TinyBackend:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
     if cfg.get("backend") != "tiny":
-        raise CheckpointError(f"{path}: backend {cfg.get('backend')!r} is not the tiny backend")
+        b = cfg.get("backend")
+        if b in BACKENDS:
+            raise CheckpointError(f"{path}: backend {b!r} is not the tiny backend (load an sd3 checkpoint with "
+                                  "flowopd.backends.sd3.load_sd3_checkpoint)")
+        raise CheckpointError(f"{path}: unknown backend {b!r}; back ends: {', '.join(BACKENDS)}")
     try:
         model = TinyUNet(TinyConfig.from_dict(cfg.get("model", {})))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model config: {e}") from None
-    try:
-        sd = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types on truncated files
-        raise CheckpointError(f"{path}/model.safetensors is unreadable or truncated: {e}") from None
+    sd = read_weights(path / "model.safetensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     if missing:

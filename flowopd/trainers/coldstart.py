@@ -14,6 +14,10 @@ Two ways to give the student a stable start before on-policy distillation:
   own task's training prompts: for every prompt the teacher draws `sft_candidates` images (ODE),
   its task's reward scores them (flowopd.rewards), the best one is kept; the LoRA then regresses
   the velocity noise - x0 on these (prompt, image) pairs, with prompt dropout for CFG.
+  The samples are kept in out/sft_data and the fine-tune saves its state to out/state every
+  `state_every` steps (flowopd.trainers.checkpointing): rerunning the same command on the same
+  --out resumes it (bit for bit on the CPU); NaN/Inf losses or gradients skip the step (logged
+  to out/sft_log.jsonl) and `max_bad_steps` in a row stop it.
 
 Either way the result is a checkpoint directory loadable by `flowopd.backends.load_checkpoint`
 (config.json + full weights in model.safetensors), and, when the cold start is a LoRA,
@@ -39,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backends.tiny import LORA_TARGETS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..backends.tiny import (LORA_TARGETS, CheckpointError, load_checkpoint, read_weights, resolve_checkpoint,
+                             save_checkpoint)
 from ..config import ConfigError, build, require, to_dict
 from ..world.prompts import TASKS
 
@@ -185,7 +190,7 @@ def adapter_lora(backend, name: str) -> tuple[Lora, int, float, list[str]]:
 
 def base_state(base: str | Path = "base") -> dict[str, Tensor]:
     """Plain (un-wrapped) float32 state dict of a checkpoint's full weights."""
-    return {k: v.float() for k, v in load_file(str(resolve_checkpoint(base) / "model.safetensors")).items()}
+    return {k: v.float() for k, v in read_weights(resolve_checkpoint(base) / "model.safetensors").items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -260,21 +265,28 @@ def read_teacher(path: str | Path, base: str | Path = "base", name: str | None =
     this very base), it is a LoRA teacher. Otherwise (a full fine-tune, or a LoRA over another
     init) it is a dense teacher: delta = teacher weights - base weights."""
     p = resolve_teacher_dir(path)
-    conf = json.loads((p / "config.json").read_text())
+    try:
+        conf = json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}/config.json is not valid JSON: {e}") from None
     recipe = (conf.get("meta") or {}).get("recipe") or {}
     tasks = list(recipe.get("tasks") or [])
     adapters = conf.get("adapters") or {}
     base_sd = base_sd if base_sd is not None else base_state(base)
-    full = {k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}
+    full = {k: v.float() for k, v in read_weights(p / "model.safetensors").items()}
     missing = sorted(set(base_sd) - set(full))
-    if missing or any(full[k].shape != base_sd[k].shape for k in base_sd):
-        raise CheckpointError(f"{p}: weights do not match the base model's ({missing[:2]} ...)")
+    if missing:
+        raise CheckpointError(f"{p} is not a teacher on base {base}: weights missing for {missing[:3]}")
+    for k in base_sd:
+        if full[k].shape != base_sd[k].shape:
+            raise CheckpointError(f"{p} is not a teacher on base {base}: shape mismatch for {k}: "
+                                  f"teacher {tuple(full[k].shape)}, base {tuple(base_sd[k].shape)}")
     if adapters:
         a_name = name if name in adapters else (next(iter(adapters)) if len(adapters) == 1 else None)
         if a_name is None:
             raise CheckpointError(f"{p} holds adapters {sorted(adapters)}; name one")
         a = adapters[a_name]
-        lora = from_peft_state(load_file(str(p / a["file"])))
+        lora = from_peft_state(read_weights(p / a["file"]))
         t = TeacherWeights(name or a_name, p, lora=lora, rank=int(a["rank"]), alpha=float(a["alpha"]),
                            targets=list(a["targets"]), tasks=tasks)
         d = t.deltas()
@@ -349,6 +361,8 @@ class ColdStartConfig:
     sft_lr: float = 2e-3
     sft_rank: int = 24
     sft_p_uncond: float = 0.1
+    state_every: int = 25             # sft: resumable state out/state every N steps (0: only at the end)
+    max_bad_steps: int = 5            # sft: non-finite losses / gradients in a row before stopping
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0              # torch CPU threads (0: torch's default)
@@ -357,8 +371,13 @@ class ColdStartConfig:
         require(all(w >= 0 for w in self.weights), "weights must be >= 0")
         require(self.sft_prompts_per_task >= 1, "sft_prompts_per_task must be >= 1")
         require(self.sft_candidates >= 1, "sft_candidates must be >= 1")
-        require(self.sft_sample_steps >= 1 and self.sft_steps >= 1, "sft step counts must be >= 1")
-        require(self.sft_batch >= 1 and self.sft_rank >= 1 and self.sft_lr > 0, "bad sft batch/rank/lr")
+        require(self.sft_sample_steps >= 1, "sft_sample_steps must be >= 1")
+        require(self.sft_steps >= 1, "sft_steps must be >= 1")
+        require(self.sft_batch >= 1, "sft_batch must be >= 1")
+        require(self.sft_rank >= 1, "sft_rank must be >= 1")
+        require(self.sft_lr > 0, "sft_lr must be > 0")
+        require(self.state_every >= 0, "state_every must be >= 0")
+        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         require(0 <= self.sft_p_uncond < 1, "sft_p_uncond must be in [0, 1)")
         require(self.num_threads >= 0, "num_threads must be >= 0")
 
@@ -415,19 +434,28 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
     from ..losses import flow_matching_loss, logit_normal_sigmas
     from ..world.render import to_model_space
 
+    from ..state import fault_point
+    from .checkpointing import RunState, cached
+    from .runlog import RunLogger
+
     out = Path(out)
+    torch.manual_seed(cfg.seed)  # the adapter's initialisation (and the teachers' loading) draw from it
     rng = random.Random(cfg.seed)
-    rewards = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
-    # 1. data: each teacher's best samples of its own task's train prompts
-    prompts, images, data_stats = [], [], {}
-    for i, (task, t) in enumerate(teachers.items()):
-        if task not in rewards:
-            raise ConfigError(f"no reward for task {task!r}; set task_rewards")
-        p, im, st = best_samples(t.path, task, rewards[task], cfg, rng, seed=cfg.seed * 1000 + i)
-        prompts += p
-        images.append(im)
-        data_stats[task] = st
-    x_all = torch.from_numpy(to_model_space(np.concatenate(images)))  # (n, 3, 32, 32)
+    rewards = sft_rewards(teachers, cfg)
+
+    # 1. data: each teacher's best samples of its own task's train prompts (kept in out/sft_data)
+    def build_data():
+        prompts, images, data_stats = [], [], {}
+        for i, (task, t) in enumerate(teachers.items()):
+            p, im, st = best_samples(t.path, task, rewards[task], cfg, rng, seed=cfg.seed * 1000 + i)
+            prompts += p
+            images.append(im)
+            data_stats[task] = st
+        x = torch.from_numpy(to_model_space(np.concatenate(images)))  # (n, 3, 32, 32)
+        return {"x": x}, {"prompts": prompts, "stats": data_stats}
+
+    data, info = cached(out / "sft_data", build_data)
+    x_all, prompts, data_stats = data["x"], info["prompts"], info["stats"]
     # 2. flow-matching fine-tune of a LoRA on the base
     device = torch.device(cfg.device)
     backend = load_checkpoint(cfg.base, str(device))
@@ -436,8 +464,14 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
     params = backend.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    log = open(out / "sft_log.jsonl", "w") if out.exists() else None
-    bar = tqdm(range(1, cfg.sft_steps + 1), desc="coldstart[sft]", mininterval=2)
+    run = RunState(out, {n: p for n, p in backend.net.named_parameters() if p.requires_grad}, opt,
+                   every=cfg.state_every, max_bad=cfg.max_bad_steps, generators={"gen": gen},
+                   log_name="sft_log.jsonl")
+    start = run.resume()  # the newest intact state in out/state, if any
+    log = run.logger = RunLogger(out, "sft_log.jsonl", tensorboard=False)
+    bar = tqdm(range(start + 1, cfg.sft_steps + 1), desc="coldstart[sft]", mininterval=2, initial=start,
+               total=cfg.sft_steps)
+    step = start
     for step in bar:
         idx = torch.randint(0, len(prompts), (cfg.sft_batch,), generator=gen)
         x0 = x_all[idx].to(device)
@@ -449,17 +483,31 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
         loss = flow_matching_loss(v, x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if log is not None and (step % 10 == 0 or step == 1):
-            log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
-            log.flush()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if run.update_ok(step, math.isfinite(loss.item()), gnorm):  # else NaN/Inf: skipped (logged)
+            opt.step()
+            fault_point("update", step)
+        if step % 10 == 0 or step == 1:
+            log.log(step, {"loss": loss.item()})
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    if log is not None:
-        log.close()
+        run.step_done(step)
+    run.finish(step)
+    log.close()
     lora, rank, alpha, targets = adapter_lora(backend, name)
     meta = dict(meta, data=data_stats, n_samples=len(prompts))
     return save_lora_checkpoint(out, cfg.base, name, lora, rank, alpha, targets, meta)
+
+
+def sft_rewards(teachers, cfg: ColdStartConfig) -> dict[str, str]:
+    """task -> reward name of each teacher's task; unknown tasks or reward names are errors."""
+    from ..rewards import get_reward
+
+    rewards = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
+    for task in teachers:
+        if task not in rewards:
+            raise ConfigError(f"no reward for task {task!r}; set task_rewards")
+        get_reward(rewards[task])
+    return {task: rewards[task] for task in teachers}
 
 
 def standin_teacher(out: str | Path, task: str, base: str | Path = "base", rank: int = 8, scale: float = 0.02,
@@ -480,20 +528,31 @@ def standin_teacher(out: str | Path, task: str, base: str | Path = "base", rank:
 # ----------------------------------------------------------------------------- entry points
 
 
-def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | None = None) -> Path:
+def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | None = None,
+              overwrite: bool = False, resume: bool = False) -> Path:
     """Run a cold start ('merge' or 'sft') from teacher checkpoints; write a checkpoint to `out`.
 
     teachers: paths (a teacher's task is read from its recipe or adapter name), TASK=PATH items,
-    or a {task: path} mapping. Returns `out` (a checkpoint directory)."""
+    or a {task: path} mapping. An `out` holding this cold start's unfinished sft resumes it;
+    another run's is refused unless overwrite. Returns `out` (a checkpoint directory)."""
+    from .checkpointing import identity, prepare_out
+
     cfg = cfg or ColdStartConfig()
     if method not in ("merge", "sft"):
         raise ConfigError(f"unknown cold start method {method!r}; use 'merge' or 'sft'")
     t0 = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # bad input (teachers, base, rewards, weights, --out) is refused before anything is written
     ts = load_teachers(teachers, cfg.base)
+    if method == "sft":
+        sft_rewards(ts, cfg)
+    else:
+        require(not cfg.weights or len(cfg.weights) == len(ts),
+                f"weights has {len(cfg.weights)} values for {len(ts)} teachers")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, identity(cfg, method=method, teachers={k: str(t.path) for k, t in ts.items()}),
+                overwrite, resume, clear=("state", "sft_data", "sft_log.jsonl"))
     (out / "coldstart.yaml").write_text(yaml.safe_dump(
         {"method": method, "teachers": {k: str(t.path) for k, t in ts.items()}, **to_dict(cfg)}, sort_keys=False))
     meta = {"trainer": "coldstart", "method": method, "teachers": {k: str(t.path) for k, t in ts.items()},
@@ -505,10 +564,11 @@ def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | Non
     return path
 
 
-def main_coldstart(method: str, teachers, out: str | Path, overrides: list[str] | None = None) -> Path:
+def main_coldstart(method: str, teachers, out: str | Path, overrides: list[str] | None = None,
+                   overwrite: bool = False, resume: bool = False) -> Path:
     """CLI entry: `flowopd coldstart --method merge|sft --teachers DIR... --out DIR [key=value ...]`.
     overrides: ColdStartConfig keys (e.g. ["sft_steps=300", "weights=[0.5,0.25,0.25]"])."""
     cfg = build(ColdStartConfig, {}, overrides)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
-    return coldstart(method, teachers, out, cfg)
+    return coldstart(method, teachers, out, cfg, overwrite, resume)

@@ -17,6 +17,12 @@ The loop, top to bottom (each iteration of `train_grpo`):
      adapter switched off); gradient accumulation over micro-batches; optional EMA;
   5. log (JSONL always, tensorboard when installed; tqdm bar), checkpoint.
 
+Faults (flowopd.trainers.checkpointing): every `state_every` iterations the whole run state goes
+to out/state (LoRA or full weights, optimizer, EMA, RNG states); rerunning the same command on
+the same --out resumes from the newest intact one, bit for bit on the CPU. A NaN/Inf reward skips
+the iteration's update, a NaN/Inf loss or gradient skips that optimizer step (both logged to
+train_log.jsonl); `max_bad_steps` in a row stop the run with a state of the last good weights.
+
 The final model is a checkpoint directory loadable by `flowopd.backends.load_checkpoint`: the LoRA
 merged into full weights (model.safetensors) and, for LoRA runs, the adapter alone in
 adapters/<name>.safetensors with its rank, alpha, targets and base in config.json["adapters"],
@@ -74,6 +80,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .checkpointing import RunState, identity, prepare_out
 from .common import Evaluator, ModelKeys, add_trained_adapter
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
@@ -81,6 +88,7 @@ from ..losses import group_advantages, grpo_loss
 from ..flow import step_kl
 from ..rewards import get_reward, per_task, weighted_sum
 from ..rollout import Rollout, rollout, transition
+from ..state import atomic_dir, fault_point
 from ..world.prompts import CATEGORIES
 
 DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
@@ -133,7 +141,9 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0             # torch CPU threads (0: torch's default)
-    save_every: int = 0              # 0: only the final checkpoint
+    save_every: int = 0              # loadable checkpoint out/step_N every N iterations (0: only out/final)
+    state_every: int = 1             # resumable state out/state every N iterations (0: only at the end)
+    max_bad_steps: int = 5           # non-finite rewards / losses / gradients in a row before stopping
     max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
     log_every: int = 1
 
@@ -182,6 +192,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(self.num_threads >= 0, "num_threads must be >= 0")
         require(self.save_every >= 0 and self.max_minutes >= 0 and self.log_every >= 1,
                 "save_every and max_minutes must be >= 0, log_every >= 1")
+        require(self.state_every >= 0, "state_every must be >= 0")
+        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
 
     # ---- derived -------------------------------------------------------------
     @property
@@ -263,9 +275,9 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
     """Add the adapter saved in a GRPO checkpoint to `backend` (which must hold that adapter's
     base weights) under `as_name` (default: its saved name); returns the name. It becomes active."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from ..backends import CheckpointError, resolve_checkpoint
+    from ..backends.tiny import read_weights
 
     path = resolve_checkpoint(checkpoint)
     adapters = json.loads((path / "config.json").read_text()).get("adapters") or {}
@@ -280,7 +292,7 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
     a = adapters[name]
     as_name = as_name or name
     backend.add_adapter(as_name, rank=int(a["rank"]), alpha=float(a["alpha"]), targets=list(a["targets"]))
-    res = set_peft_model_state_dict(backend._peft, load_file(str(path / a["file"])), adapter_name=as_name)
+    res = set_peft_model_state_dict(backend._peft, read_weights(path / a["file"]), adapter_name=as_name)
     bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
     if bad:
         raise CheckpointError(f"{path}: adapter {name!r} does not fit this model ({bad[:2]})")
@@ -290,8 +302,10 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
-    """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
+def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
+    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
+    -> out/final."""
     from ..backends import load_checkpoint
     from ..parallel import Dist, group_noise, noise_mode, param_checksum
     from ..prompt_sources import PromptSources
@@ -300,9 +314,6 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
     dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -311,6 +322,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
+    # bad input (checkpoint, reward, prompt files, --out) is refused before anything is written
     if cfg.backend == "sd3":
         backend = setup_sd3_grpo(cfg, dist)  # the SD3 base with the trained adapter
     else:
@@ -319,19 +331,28 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
             add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
         else:
             backend.model.requires_grad_(True)
+    reward_fn = make_reward_fn(cfg)
     guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     params = backend.trainable_parameters()
     dist.broadcast_parameters(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
-    reward_fn = make_reward_fn(cfg)
     counts = task_counts(cfg)
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
+    if dist.is_main:
+        prepare_out(out, identity(cfg), overwrite, resume)
     per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch) if cfg.eval_every else None
-    logger = RunLogger(out) if dist.is_main else NullLogger()
+    net = backend.net if hasattr(backend, "net") else backend.model
+    run = RunState(out, {n: p for n, p in net.named_parameters() if p.requires_grad}, opt,
+                   every=cfg.state_every, max_bad=cfg.max_bad_steps, ema=ema,
+                   generators={"gen": gen}, randoms={"rng": rng}, write=dist.is_main)
+    start = run.resume()  # the newest intact state in out/state, if any
+    if dist.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = run.logger = RunLogger(out) if dist.is_main else NullLogger()
 
     def window(rng) -> list[int] | None:
         """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
@@ -349,15 +370,18 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
                     p.copy_(e)
         meta = {"trainer": "grpo", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.samples_per_step, "recipe": to_dict(cfg)}
-        path = save_grpo_checkpoint(backend, out / name, cfg, meta)
+        with atomic_dir(out / name) as tmp:
+            save_grpo_checkpoint(backend, tmp, cfg, meta)
+        path = out / name
         if ema is not None:
             with torch.no_grad():
                 for p, v in zip(params, live):
                     p.copy_(v)
         return path
 
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, disable=not dist.is_main)
-    step = 0
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, initial=start,
+               total=cfg.steps, disable=not dist.is_main)
+    step = start
     for step in bar:
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
@@ -377,6 +401,9 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
         images = backend.decode(ro.final)
         rewards = dist.gather(reward_fn(images, ro.prompts, ro.metadata))  # (B,) all processes
         group_ids = dist.gather(torch.tensor(mine)[ro.group_ids])  # (B,) global prompt index
+        if not run.finite(step, "reward", rewards):  # a NaN/Inf reward: no update this iteration (logged)
+            run.step_done(step)
+            continue
 
         # 3. advantages: per-prompt groups, std over the batch (or the group), clipped
         adv_all = group_advantages(rewards, group_ids, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
@@ -385,7 +412,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
         # 4. update: clipped-ratio loss on a random subset of the steps, accumulated over micro-batches
         steps_all = ro.trainable_steps()
         n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
-        stats, kls, n_opt = [], [], 0
+        stats, kls, n_opt, loss_ok = [], [], 0, True
         for _ in range(cfg.inner_epochs):
             train_steps = sorted(rng.sample(steps_all, n_train))
             chunks = ro.chunks()
@@ -407,16 +434,20 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
                         kls.append(kl.item())
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
+                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
                     dist.average_gradients(params)
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    opt.step()
+                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
+                        opt.step()
+                        n_opt += 1
+                        if ema is not None:
+                            with torch.no_grad():
+                                for e, p in zip(ema, params):
+                                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+                        fault_point("update", step)
                     opt.zero_grad(set_to_none=True)
-                    n_opt += 1
-                    if ema is not None:
-                        with torch.no_grad():
-                            for e, p in zip(ema, params):
-                                e.lerp_(p.detach(), 1 - cfg.ema_decay)
+                    loss_ok = True
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
         stats, kls, all_tasks = dist.gather_list(stats), dist.gather_list(kls), dist.gather_list(ro.tasks)
@@ -445,9 +476,11 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
         bar.set_postfix(r=f"{rec['reward']:.3f}", clip=f"{rec['clip_frac']:.2f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
             save(f"step_{step:06d}", step)
+        run.step_done(step)
         if stop:
             bar.write(f"time limit reached at step {step}")
             break
+    run.finish(step)
     final = save("final", step) if dist.is_main else out / "final"
     logger.close()
     checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
@@ -459,9 +492,10 @@ def train_grpo(cfg: GRPOConfig, out: str | Path) -> Path:
     return final
 
 
-def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None) -> Path:
+def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,
+              overwrite: bool = False, resume: bool = False) -> Path:
     """CLI entry: `flowopd grpo --config FILE --out DIR [key=value ...]` -> the final checkpoint."""
     cfg = load(GRPOConfig, config_path, overrides)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
-    return train_grpo(cfg, out)
+    return train_grpo(cfg, out, overwrite, resume)

@@ -29,6 +29,13 @@ The loop, top to bottom (each iteration of `train_opd`):
   5. log per task (KL to its teacher, MAR KL, rewards, routing shares) to JSONL (+ tensorboard
      when installed), tqdm bar; checkpoint (merged full weights + adapters/student.safetensors).
 
+Faults (flowopd.trainers.checkpointing): every `state_every` iterations the run state (student
+adapter, optimizer, reward scaler, RNG states) goes to out/state; rerunning the same command on
+the same --out resumes from the newest intact one, bit for bit on the CPU (the cold start in
+out/coldstart is reused). A NaN/Inf loss or gradient skips that optimizer step (logged);
+`max_bad_steps` in a row stop the run with a state of the last good weights. Rewards are only
+logged (and NaN where a reward cannot read a sample), so they are not checked.
+
 Departures from the paper / DESIGN.md (and why):
   - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
     depends only on the state x_k, not on the action x_k+1, so E[A_k grad log pi(x_k+1|x_k)] =
@@ -76,6 +83,7 @@ is by task there.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
@@ -87,14 +95,16 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .checkpointing import RunState, identity, prepare_out
 from .common import EMA, Evaluator, ModelKeys, lora_init_value, score_tasks
 from .runlog import NullLogger, RunLogger
-from ..config import ConfigError, build, load_yaml, require, to_dict
+from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
+from ..state import atomic_dir, fault_point
 from ..flow import step_kl
 from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
 from ..rollout import Rollout, rollout, transition
-from ..world.prompts import TASKS, sample_prompt
+from ..world.prompts import TASKS
 from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
                         load_teachers, lora_modules_of, read_teacher, resolve_teacher_dir,
                         save_lora_checkpoint, svd_lora)
@@ -152,7 +162,9 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0             # torch CPU threads (0: torch's default)
-    save_every: int = 0              # 0: only the final checkpoint
+    save_every: int = 0              # loadable checkpoint out/step_N every N iterations (0: only out/final)
+    state_every: int = 1             # resumable state out/state every N iterations (0: only at the end)
+    max_bad_steps: int = 5           # non-finite losses / gradients in a row before stopping
     max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
     log_every: int = 1
 
@@ -182,7 +194,9 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
                 f"anchor must be 'base', 'init' or a teacher's task ({sorted(self.teachers)}), got {self.anchor!r}")
         require(not (self.anchor == "init" and self.init == "none"), "anchor 'init' needs a cold start (init)")
         require(self.student_rank >= 1, "student_rank must be >= 1")
-        require(self.steps >= 1 and self.prompts_per_step >= 1 and self.group_size >= 1, "steps, prompts_per_step, group_size must be >= 1")
+        require(self.steps >= 1, "steps must be >= 1")
+        require(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
+        require(self.group_size >= 1, "group_size must be >= 1")
         require(self.sample_steps >= 1, "sample_steps must be >= 1")
         require((self.cfg is None or self.cfg >= 0) and self.noise_level > 0 and self.shift > 0,
                 "cfg >= 0, noise_level > 0, shift > 0")
@@ -193,8 +207,16 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
         require(self.lr > 0, "lr must be > 0")
         require(0 < self.adam_beta2 < 1 and 0 <= self.ema_decay < 1, "adam_beta2 must be in (0, 1), ema_decay in [0, 1)")
         require(self.lora_alpha >= 0, "lora_alpha must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
+        require(self.save_every >= 0 and self.state_every >= 0 and self.max_minutes >= 0 and self.log_every >= 1,
+                "save_every, state_every and max_minutes must be >= 0, log_every >= 1")
+        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         for k in self.coldstart:
-            require(k in ColdStartConfig.__dataclass_fields__, f"unknown coldstart key {k!r}")
+            require(k in ColdStartConfig.__dataclass_fields__,
+                    f"unknown coldstart key {k!r}{_closest(k, ColdStartConfig.__dataclass_fields__)}")
+        if self.init in ("merge", "sft"):
+            build(ColdStartConfig, {k: v for k, v in self.coldstart.items() if k not in ("base", "device")})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,13 +233,6 @@ def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
     for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
         counts[t] += 1
     return counts
-
-
-def draw_prompts(rng: random.Random, counts: dict[str, int]) -> tuple[list[str], list[str]]:
-    """Train-split prompts of every task, shuffled into one mixed batch -> (prompts, tasks)."""
-    tasks = [t for t, n in counts.items() for _ in range(n)]
-    rng.shuffle(tasks)
-    return [sample_prompt(rng, t, "train").text for t in tasks], tasks
 
 
 def sampled_log_ratio(x_next, mean_s, mean_t, step_std, dt, normalization: str = "exact"):
@@ -275,8 +290,9 @@ def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, s
     return loss, kl.detach(), st
 
 
-def setup_models(cfg: OPDConfig, out: Path, dist=None):
+def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = None, overwrite: bool = False):
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
+    teachers: load_teachers(cfg.teachers, cfg.base) when already read.
     -> (backend, bank, teacher names, student params, init info)."""
     from ..backends import load_checkpoint
     from ..parallel import Dist
@@ -288,7 +304,7 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None):
         return setup_sd3_opd(cfg, out, dist, STUDENT)
 
     backend = load_checkpoint(cfg.base, str(dist.device))
-    teachers = load_teachers(cfg.teachers, cfg.base)
+    teachers = teachers if teachers is not None else load_teachers(cfg.teachers, cfg.base)
     bank = TeacherBank(backend)
     names = list(teachers)
     # the student's starting point (the cold start), as a LoRA on the same base
@@ -298,7 +314,8 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None):
         cs_cfg = build(ColdStartConfig, {"seed": cfg.seed, "num_threads": cfg.num_threads, **cfg.coldstart,
                                          "base": cfg.base, "device": cfg.device})
         if dist.is_main:  # one process computes it, the others read it
-            coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg)
+            coldstart(cfg.init, {k: str(t.path) for k, t in teachers.items()}, out / "coldstart", cs_cfg,
+                      overwrite=overwrite)
         dist.barrier()
         cs = out / "coldstart"
     elif cfg.init != "none":
@@ -336,8 +353,10 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
-    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/final (and out/step_*). -> out/final."""
+def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
+    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
+    -> out/final."""
     from ..parallel import Dist, group_noise, noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from ..rewards import REWARDS, get_reward, per_task
@@ -345,9 +364,6 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
     dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
     dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -356,28 +372,44 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
-    backend, bank, names, params, info = setup_models(cfg, out)
-    dist.broadcast_parameters(params)
-    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
-    reward_names = {**DEFAULT_TASK_REWARDS, **{t: t for t in names if t in REWARDS}, **cfg.task_rewards}
-    missing = [t for t in names if t not in reward_names]
+    # bad input (base, teachers, init, rewards, prompt files, --out) is refused before anything is written
+    teachers = load_teachers(cfg.teachers, cfg.base) if cfg.backend != "sd3" else None
+    if cfg.init not in ("merge", "sft", "none"):
+        resolve_teacher_dir(cfg.init)
+    tnames = list(cfg.teachers)
+    reward_names = {**DEFAULT_TASK_REWARDS, **{t: t for t in tnames if t in REWARDS}, **cfg.task_rewards}
+    missing = [t for t in tnames if t not in reward_names]
     if missing:
         raise ConfigError(f"no reward for teacher task(s) {missing}; set task_rewards")
-    reward_fns = {t: get_reward(reward_names[t]) for t in names}
+    reward_fns = {t: get_reward(reward_names[t]) for t in tnames}
+    sources = PromptSources(cfg.tasks, cfg.prompts)  # (reads and checks prompt files)
+    if dist.is_main:
+        prepare_out(out, identity(cfg), overwrite, resume, clear=("state", "train_log.jsonl", "coldstart"))
+
+    backend, bank, names, params, info = setup_models(cfg, out, dist, teachers, overwrite)
+    dist.broadcast_parameters(params)
+    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     scaler = RewardScaler(len(names), cfg.reward_scale)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
-    sources = PromptSources(cfg.tasks, cfg.prompts)
     per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
                           cfg.micro_batch) if cfg.eval_every else None)
     anchor = None if cfg.anchor == "base" else cfg.anchor
     use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
-    logger = RunLogger(out) if dist.is_main else NullLogger()
-    logger.log(0, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
+    student = {n: p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
+    run = RunState(out, student, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps,
+                   ema=ema.shadow if ema is not None else None,
+                   extra={"scaler.mean": scaler.mean, "scaler.var": scaler.var, "scaler.seen": scaler.seen},
+                   generators={"gen": gen}, randoms={"rng": rng}, write=dist.is_main)
+    start = run.resume()  # the newest intact state in out/state, if any
+    if dist.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = run.logger = RunLogger(out) if dist.is_main else NullLogger()
+    logger.log(start, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
                    "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
 
     def save(name: str, step: int) -> Path:
@@ -385,12 +417,17 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
                 "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
         with ema.applied() if ema is not None else nullcontext():
             if backend.name == "sd3":  # the student in diffusers' LoRA format, config.json naming the base
-                return backend.save_checkpoint(out / name, adapters=[STUDENT], meta=meta)
+                with atomic_dir(out / name) as tmp:
+                    backend.save_checkpoint(tmp, adapters=[STUDENT], meta=meta)
+                return out / name
             lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
-            return save_lora_checkpoint(out / name, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+            with atomic_dir(out / name) as tmp:
+                save_lora_checkpoint(tmp, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
+            return out / name
 
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2, disable=not dist.is_main)
-    step = 0
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
+               initial=start, total=cfg.steps, disable=not dist.is_main)
+    step = start
     for step in bar:
         t_step = time.time()
         # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
@@ -424,7 +461,7 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
         kl_sum, kl_n = torch.zeros(B), torch.zeros(B)
         mar_sum, mar_n = torch.zeros(B), torch.zeros(B)
         cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
-        stats, n_opt, gnorm = [], 0, 0.0
+        stats, n_opt, gnorm, loss_ok = [], 0, 0.0, True
         chunks = ro.chunks()
         train_steps = sorted(rng.sample(steps_all, n_train))  # the same steps in every inner epoch
         for _ in range(cfg.inner_epochs):
@@ -461,14 +498,18 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
                                                                normalization=cfg.kl_normalization)
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
+                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
                     dist.average_gradients(params)
                     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                    opt.step()
+                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
+                        opt.step()
+                        n_opt += 1
+                        if ema is not None:
+                            ema.update()
+                        fault_point("update", step)
                     opt.zero_grad(set_to_none=True)
-                    n_opt += 1
-                    if ema is not None:
-                        ema.update()
+                    loss_ok = True
 
         # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint; the
         #    numbers of every process, rank 0 writes
@@ -506,9 +547,11 @@ def train_opd(cfg: OPDConfig, out: str | Path) -> Path:
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
             save(f"step_{step:06d}", step)
+        run.step_done(step)
         if stop:
             bar.write(f"time limit reached at step {step}")
             break
+    run.finish(step)
     final = save("final", step) if dist.is_main else out / "final"
     logger.close()
     checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
@@ -545,9 +588,10 @@ def load_config(config_path: str | Path | None, overrides: list[str] | None = No
     return build(OPDConfig, data, rest)
 
 
-def main_distill(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None) -> Path:
+def main_distill(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,
+                 overwrite: bool = False, resume: bool = False) -> Path:
     """CLI entry: `flowopd distill --config FILE --out DIR [key=value ...]` -> the final checkpoint."""
     cfg = load_config(config_path, overrides)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r} requested but no CUDA GPU is available")
-    return train_opd(cfg, out)
+    return train_opd(cfg, out, overwrite, resume)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..backends.tiny import TinyBackend, autocast, save_checkpoint
 from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
 from ..config import require, to_dict
-from ..errors import UserError
+from .checkpointing import KEEP, NonFiniteError
 from ..state import check_out_dir, latest_state, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_state, save_state
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
@@ -106,10 +106,6 @@ def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1):
     return prompts, np.concatenate([im for _, im in parts])
 
 
-class NonFiniteError(UserError):
-    """Too many consecutive non-finite losses or gradients."""
-
-
 def _identity(cfg: PretrainConfig) -> dict:
     """The parts of the config that define the run (resuming needs them unchanged)."""
     d = to_dict(cfg)
@@ -164,7 +160,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         tensors.update(opt_t)
         tensors.update(rng_t)
         save_state(out / "state", step, tensors, {"opt": opt_rest, "rng": rng_js, "sched": sched.state_dict(),
-                                                   "loss_avg": loss_avg, "bad": bad})
+                                                   "loss_avg": loss_avg, "bad": bad}, keep=KEEP)
 
     start, loss_avg, bad = 0, None, 0
     found = latest_state(out / "state", log=lambda m: print(m, file=sys.stderr))

@@ -8,8 +8,11 @@ from pathlib import Path
 class RunLogger:
     """Appends {"step": n, ...} records to OUT/train_log.jsonl (and OUT/tb when tensorboard is there)."""
 
-    def __init__(self, out: Path):
-        self.f = open(Path(out) / "train_log.jsonl", "a")
+    def __init__(self, out: Path, name: str = "train_log.jsonl", tensorboard: bool = True):
+        self.f = open(Path(out) / name, "a")
+        self.tb = None
+        if not tensorboard:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

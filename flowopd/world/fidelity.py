@@ -156,7 +156,8 @@ def feature_model() -> FeatureNet:
     path = weights_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.fidelity` to train it")
-    model = FeatureNet()
+    with torch.random.fork_rng(devices=[]):  # loading it must not move the global RNG (resumed runs
+        model = FeatureNet()                       # load it at another step than runs that never stopped)
     model.load_state_dict(load_file(str(path)))
     for p in model.parameters():
         p.requires_grad_(False)

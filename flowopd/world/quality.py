@@ -232,7 +232,8 @@ def quality_model() -> QualityNet:
     path = weights_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.quality` to train it")
-    model = QualityNet()
+    with torch.random.fork_rng(devices=[]):  # loading it must not move the global RNG (resumed runs
+        model = QualityNet()                       # load it at another step than runs that never stopped)
     model.load_state_dict(load_file(str(path)))
     for p in model.parameters():
         p.requires_grad_(False)
