@@ -12,23 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from flowopd.backends.tiny import TinyBackend, save_checkpoint
-from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.cli import main
 from flowopd.trainers.coldstart import standin_teacher
+from conftest import perturbed_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(path, channels=(8, 8, 8)):
-    torch.manual_seed(0)
-    m = TinyUNet(TinyConfig(channels=channels, text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return save_checkpoint(TinyBackend(m.eval(), "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0}), path)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +25,8 @@ def w(tmp_path_factory):
     """Paths of good and bad inputs: a tiny base, stand-in teachers on it, damaged checkpoints,
     bad prompt files."""
     root = tmp_path_factory.mktemp("bad")
-    base = tiny(root / "base")
-    d = {"base": str(base), "missing": str(root / "missing"), "other_base": str(tiny(root / "other", (8, 8, 16)))}
+    base = perturbed_tiny_checkpoint(root / "base")
+    d = {"base": str(base), "missing": str(root / "missing"), "other_base": str(perturbed_tiny_checkpoint(root / "other", (8, 8, 16)))}
     for t, k in (("compose", 1), ("text", 2), ("quality", 3)):
         d[t] = str(standin_teacher(root / t, t, base, rank=2, scale=0.1, seed=k))
     trunc = root / "truncated"

@@ -19,8 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowopd.backends.tiny import TinyBackend, save_checkpoint
-from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.config import build
 from flowopd.state import verify_state
 from flowopd.trainers import opd
@@ -28,19 +26,10 @@ from flowopd.trainers.checkpointing import NonFiniteError
 from flowopd.trainers.coldstart import ColdStartConfig, coldstart, standin_teacher
 from flowopd.trainers.grpo import GRPOConfig, train_grpo
 from flowopd.trainers.opd import main_distill
+from conftest import perturbed_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-
-
-def tiny_base(path, channels=(8, 8, 8)):
-    """A small random checkpoint (its zero-initialised output layers perturbed)."""
-    torch.manual_seed(0)
-    m = TinyUNet(TinyConfig(channels=channels, text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return save_checkpoint(TinyBackend(m.eval(), "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0}), path)
 
 
 def flowopd(*args, env=None):
@@ -88,7 +77,7 @@ def rewards_by_step(out):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return tiny_base(tmp_path_factory.mktemp("faults") / "base")
+    return perturbed_tiny_checkpoint(tmp_path_factory.mktemp("faults") / "base")
 
 
 @pytest.fixture(scope="module")

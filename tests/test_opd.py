@@ -8,7 +8,6 @@ from flowopd.backends.tiny import TinyBackend, load_checkpoint, save_checkpoint
 from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.config import ConfigError
 from flowopd.flow import sde_step, step_kl
-from flowopd.losses import grpo_loss
 from flowopd.rollout import rollout, transition
 from flowopd.trainers import opd
 from flowopd.trainers.coldstart import adapter_lora, attach_lora, read_teacher, standin_teacher

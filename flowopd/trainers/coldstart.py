@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backends.tiny import (LORA_TARGETS, CheckpointError, load_checkpoint, read_weights, resolve_checkpoint,
+from ..backends.tiny import (CheckpointError, load_checkpoint, read_weights, resolve_checkpoint,
                              save_checkpoint)
 from ..config import ConfigError, build, require, to_dict
 from ..world.prompts import TASKS

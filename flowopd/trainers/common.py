@@ -191,3 +191,24 @@ def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> to
         if idx:
             out[idx, k] = reward_fns[t](images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx]).float()
     return out
+
+
+def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, generator, guidance: float,
+                  per_group: bool, window=None, **kw):
+    """Phase 1 of the GRPO and OPD loops: draw the iteration's prompts (the same on every process)
+    and roll out this process's share of them (`dist.mine`), noise per prompt group when
+    `per_group` (seeded by (seed, iteration, group)), else from `generator`. `window()`, called
+    after the draw, gives the SDE steps (None: all); `kw` goes to flowopd.rollout.rollout
+    (shared_noise). -> the Rollout."""
+    from ..parallel import group_noise
+    from ..rollout import rollout
+
+    prompts, tasks, meta = sources.draw_batch(rng, counts)
+    mine = dist.mine(len(prompts))
+    noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
+                        tuple(backend.latent_shape())) if per_group else None
+    return rollout(backend, [prompts[i] for i in mine], [tasks[i] for i in mine], cfg.group_size,
+                   steps=cfg.sample_steps, cfg=guidance, noise_level=cfg.noise_level, shift=cfg.shift,
+                   method=cfg.sampler, micro_batch=cfg.micro_batch, generator=generator,
+                   metadata=[meta[i] for i in mine], noise=noise,
+                   sde_steps=window() if window is not None else None, **kw)

@@ -81,13 +81,13 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import Evaluator, ModelKeys, add_trained_adapter
+from .common import Evaluator, ModelKeys, add_trained_adapter, rollout_batch
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..losses import group_advantages, grpo_loss
 from ..flow import step_kl
 from ..rewards import get_reward, per_task, weighted_sum
-from ..rollout import Rollout, rollout, transition
+from ..rollout import Rollout, transition
 from ..state import atomic_dir, fault_point
 from ..world.prompts import CATEGORIES
 
@@ -307,7 +307,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
     from ..backends import load_checkpoint
-    from ..parallel import Dist, group_noise, noise_mode, param_checksum
+    from ..parallel import Dist, noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from .sd3_teachers import setup_sd3_grpo
 
@@ -386,20 +386,14 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
         #    processes every one draws the same P prompts and rolls out its groups (mine)
-        prompts, tasks, meta = sources.draw_batch(rng, counts)
-        mine = dist.mine(len(prompts))
-        noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
-                            tuple(backend.latent_shape())) if per_group else None
-        ro: Rollout = rollout(backend, [prompts[i] for i in mine], [tasks[i] for i in mine], cfg.group_size,
-                              steps=cfg.sample_steps, cfg=guidance, noise_level=cfg.noise_level, shift=cfg.shift,
-                              method=cfg.sampler, micro_batch=cfg.micro_batch, generator=gen,
-                              sde_steps=window(rng), shared_noise=cfg.shared_noise,
-                              metadata=[meta[i] for i in mine], noise=noise)
+        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group,
+                                    window=lambda: window(rng), shared_noise=cfg.shared_noise)
         t_roll = time.time() - t_step
 
         # 2. reward: score the decoded final images (this process's), gather the global batch
         images = backend.decode(ro.final)
         rewards = dist.gather(reward_fn(images, ro.prompts, ro.metadata))  # (B,) all processes
+        mine = dist.mine(cfg.prompts_per_step)  # the prompts this process rolled out
         group_ids = dist.gather(torch.tensor(mine)[ro.group_ids])  # (B,) global prompt index
         if not run.finite(step, "reward", rewards):  # a NaN/Inf reward: no update this iteration (logged)
             run.step_done(step)

@@ -96,14 +96,14 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import EMA, Evaluator, ModelKeys, lora_init_value, score_tasks
+from .common import EMA, Evaluator, ModelKeys, lora_init_value, rollout_batch, score_tasks
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir, fault_point
 from ..flow import step_kl
 from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
-from ..rollout import Rollout, rollout, transition
+from ..rollout import Rollout, transition
 from ..world.prompts import TASKS
 from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
                         load_teachers, lora_modules_of, read_teacher, resolve_teacher_dir,
@@ -357,7 +357,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..parallel import Dist, group_noise, noise_mode, param_checksum
+    from ..parallel import Dist, noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from ..rewards import REWARDS, get_reward, per_task
 
@@ -432,14 +432,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         t_step = time.time()
         # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
         #    several processes every one draws the same prompts and rolls out its share (mine)
-        prompts, tasks, meta = sources.draw_batch(rng, counts)
-        mine = dist.mine(len(prompts))
-        noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
-                            tuple(backend.latent_shape())) if per_group else None
-        ro: Rollout = rollout(backend, [prompts[i] for i in mine], [tasks[i] for i in mine], cfg.group_size,
-                              steps=cfg.sample_steps, cfg=guidance, noise_level=cfg.noise_level, shift=cfg.shift,
-                              method=cfg.sampler, micro_batch=cfg.micro_batch, generator=gen,
-                              metadata=[meta[i] for i in mine], noise=noise)
+        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group)
         t_roll = time.time() - t_step
 
         # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on),
