@@ -342,6 +342,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume)
+    dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
     per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch) if cfg.eval_every else None

@@ -385,6 +385,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     sources = PromptSources(cfg.tasks, cfg.prompts)  # (reads and checks prompt files)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume, clear=("state", "train_log.jsonl", "coldstart"))
+    dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
 
     backend, bank, names, params, info = setup_models(cfg, out, dist, teachers, overwrite)
     dist.broadcast_parameters(params)
