@@ -68,7 +68,10 @@ Departures from the paper / DESIGN.md (and why):
     Its minimiser per step is the mean (teacher + beta * anchor) / (1 + beta): beta = 1 puts the
     student half-way back to the base (measured: it lost most of the quality gain), so the default
     is 0.1 (GRPO teachers, default recipe: FD 1.46 vs 1.55 at beta 0 and 1.38 at beta 0.3; the
-    task average 0.76 vs 0.73 and 0.73).
+    task average 0.76 vs 0.73 and 0.73). The toy configs anchor to the quality teacher instead
+    (`anchor: quality`): once the teachers kept their fidelity (windowed GRPO with a KL), the
+    base (FD 0.89) was a worse anchor than the students themselves (anchor base FD 0.83, beta 0
+    0.82, anchor quality 0.74; whole test split, merge init).
   - One mixed batch holds every task; in the toy world compose and quality prompts are the same
     sentences with different tags, so under task routing the student sees both teachers' targets
     for one prompt and learns their average there (reward/soft routing choose per sample instead).
