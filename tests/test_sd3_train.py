@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from flowopd.backends import make_backend  # noqa: E402
-from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend, tiny_sd3_components  # noqa: E402
+from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend  # noqa: E402
 from flowopd.config import ConfigError, load  # noqa: E402
 from flowopd.prompt_sources import PromptSources, read_prompt_records  # noqa: E402
 from flowopd.trainers.grpo import GRPOConfig  # noqa: E402
@@ -229,7 +229,9 @@ def test_distill_cli_with_two_teacher_adapters(grpo_run, world, tmp_path):
     torch.manual_seed(1)
     other.add_adapter("pickscore", rank=4, alpha=8, init=False)
     other.save_lora("pickscore", tmp_path / "teacher_pick")
-    clip = _tiny_clip(tmp_path / "clip")
+    from test_sd3 import _tiny_clip_dir
+
+    clip = _tiny_clip_dir(tmp_path / "clip")
     lines = [('A sign that says "HI"', "ocr"), ('A poster that says "OK 42"', "ocr"), ("a cat on a sofa", "pickscore"),
              ("a red bicycle", "pickscore")]
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p, "task": t}) for p, t in lines))
@@ -275,19 +277,3 @@ def _importable(name: str) -> bool:
         return True
     except ImportError:
         return False
-
-
-def _tiny_clip(path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    _, _, _, (tokenizer, _, _) = tiny_sd3_components(0, t5=False)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(str(path))
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(str(path))
-    return path
