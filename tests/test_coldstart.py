@@ -5,26 +5,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowopd.backends.tiny import TinyBackend, load_checkpoint, save_checkpoint
-from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+from flowopd.backends.tiny import load_checkpoint, save_checkpoint
 from flowopd.config import ConfigError
 from flowopd.routing import TeacherBank
 from flowopd.trainers import coldstart as cs
 from flowopd.trainers.coldstart import (ColdStartConfig, attach_lora, base_state, coldstart, concat_loras,
                                         lora_delta, lora_deltas, main_coldstart, read_teacher, standin_teacher)
-
-TINY = TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16)
+from conftest import perturbed_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = TinyUNet(TINY)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("base") / "ckpt"
-    return save_checkpoint(TinyBackend(m.eval(), "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0}), path)
+    return perturbed_tiny_checkpoint(tmp_path_factory.mktemp("base") / "ckpt")
 
 
 @pytest.fixture(scope="module")

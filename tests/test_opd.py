@@ -4,28 +4,21 @@ import pytest
 import torch
 import yaml
 
-from flowopd.backends.tiny import TinyBackend, load_checkpoint, save_checkpoint
-from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+from flowopd.backends.tiny import load_checkpoint, save_checkpoint
 from flowopd.config import ConfigError
 from flowopd.flow import sde_step, step_kl
 from flowopd.rollout import rollout, transition
 from flowopd.trainers import opd
 from flowopd.trainers.coldstart import adapter_lora, attach_lora, read_teacher, standin_teacher
 from flowopd.trainers.opd import load_config, main_distill, opd_step_loss, sampled_log_ratio
-
-TINY = TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16)
+from conftest import perturbed_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base checkpoint and three stand-in LoRA teachers on it."""
-    torch.manual_seed(0)
-    m = TinyUNet(TINY)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     root = tmp_path_factory.mktemp("opd")
-    base = save_checkpoint(TinyBackend(m.eval(), "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0}), root / "base")
+    base = perturbed_tiny_checkpoint(root / "base")
     teachers = {t: str(standin_teacher(root / t, t, base, rank=2, scale=0.1, seed=k))
                 for k, t in enumerate(["compose", "text", "quality"])}
     return base, teachers

@@ -24,6 +24,7 @@ Config keys (`ModelKeys`, a base of GRPOConfig and OPDConfig):
 """
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -212,3 +213,18 @@ def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, gen
                    method=cfg.sampler, micro_batch=cfg.micro_batch, generator=generator,
                    metadata=[meta[i] for i in mine], noise=noise,
                    sde_steps=window() if window is not None else None, **kw)
+
+
+def start_run(cfg):
+    """The common start of the GRPO and OPD loops: join the processes (one, or this one's share of
+    an accelerate/torchrun launch), check the batch splits over them, seed torch, set the CPU
+    threads. -> (dist, rng: the prompt/step draws, identical on every process, gen: this
+    process's noise and shuffles)."""
+    from ..parallel import Dist
+
+    dist = Dist.create(cfg.device)
+    dist.check_batch(cfg.prompts_per_step)
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    return dist, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed + dist.rank)

@@ -71,7 +71,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +80,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import Evaluator, ModelKeys, add_trained_adapter, rollout_batch
+from .common import Evaluator, ModelKeys, add_trained_adapter, rollout_batch, start_run
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..losses import group_advantages, grpo_loss
@@ -307,20 +306,14 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
     from ..backends import load_checkpoint
-    from ..parallel import Dist, noise_mode, param_checksum
+    from ..parallel import noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from .sd3_teachers import setup_sd3_grpo
 
-    dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
-    dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    dist, rng, gen = start_run(cfg)
     device = dist.device
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
 
     # bad input (checkpoint, reward, prompt files, --out) is refused before anything is written
     if cfg.backend == "sd3":

@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 import warnings
 from contextlib import nullcontext
@@ -99,7 +98,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import EMA, Evaluator, ModelKeys, lora_init_value, rollout_batch, score_tasks
+from .common import EMA, Evaluator, ModelKeys, lora_init_value, rollout_batch, score_tasks, start_run
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir, fault_point
@@ -360,20 +359,14 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..parallel import Dist, noise_mode, param_checksum
+    from ..parallel import noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from ..rewards import REWARDS, get_reward, per_task
 
-    dist = Dist.create(cfg.device)  # one process, or this process's share of an accelerate/torchrun launch
-    dist.check_batch(cfg.prompts_per_step)
     out = Path(out)
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    dist, rng, gen = start_run(cfg)
     device = dist.device
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
 
     # bad input (base, teachers, init, rewards, prompt files, --out) is refused before anything is written
     teachers = load_teachers(cfg.teachers, cfg.base) if cfg.backend != "sd3" else None
