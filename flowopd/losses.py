@@ -76,6 +76,38 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_r
     return loss, stats
 
 
+def nft_weights(advantages: Tensor, scale: float = 1.0) -> Tensor:
+    """Optimality weights of the forward-process objective: r = 0.5 + 0.5 * clip(A / scale, -1, 1),
+    in [0, 1]; r = 0.5 (no push either way) for a sample as good as its group. (B,)"""
+    return 0.5 + 0.5 * (advantages.detach().float() / scale).clamp(-1.0, 1.0)
+
+
+def nft_loss(v: Tensor, v_old: Tensor, target: Tensor, r: Tensor, beta: float = 1.0):
+    """Forward-process (negative-aware) policy loss on noised final samples (DiffusionNFT,
+    arXiv 2509.16117), for `objective: nft` of the GRPO trainer.
+
+        v_pos = (1 - beta) v_old + beta v        (the implicit improved policy)
+        v_neg = (1 + beta) v_old - beta v        (its reflection, the implicit worse policy)
+        loss  = mean_B [ r * mean_dims (v_pos - target)^2 + (1 - r) * mean_dims (v_neg - target)^2 ]
+
+    v: (B, ...) velocity of the trained policy at x_t = (1 - t) x0 + t noise; v_old: the same under
+    the policy that sampled x0 (detached); target = noise - x0; r: (B,) weights in [0, 1]
+    (nft_weights). At v == v_old the gradient w.r.t. v is 2 beta (2r - 1)(v_old - target) / D per
+    sample: r = 1 is beta times the flow-matching gradient toward the sample, r = 0 pushes away from
+    it, r = 0.5 gives none; the loss is bounded below for every r. Returns (loss, stats).
+    """
+    v_old, target = v_old.detach().float(), target.detach().float()
+    v = v.float()
+    dims = tuple(range(1, v.ndim))
+    pos = (((1 - beta) * v_old + beta * v - target) ** 2).mean(dims)  # (B,)
+    neg = (((1 + beta) * v_old - beta * v - target) ** 2).mean(dims)  # (B,)
+    r = r.detach().float().to(v.device)
+    loss = (r * pos + (1 - r) * neg).mean()
+    with torch.no_grad():
+        stats = {"fm_mse": ((v - target) ** 2).mean(), "v_shift": ((v - v_old) ** 2).mean()}
+    return loss, stats
+
+
 def opd_direct_loss(mean_student: Tensor, mean_teacher: Tensor, step_std, *,
                     dt=None, normalization: str = "exact") -> Tensor:
     """Direct OPD: mean over the batch of the per-step KL(student || teacher) (see flow.step_kl for

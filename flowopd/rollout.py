@@ -38,7 +38,7 @@ class Rollout:
     group_ids: Tensor          # (B,) long, index of the prompt the sample was drawn for
     cfg: float = 1.0           # guidance scale used (and to be used when recomputing)
     noise_level: float = 0.7
-    method: str = "sde"        # "sde" or "cps"
+    method: str = "sde"        # "sde", "cps" or "ode" (deterministic: no transitions to train)
     micro_batch: int = 0       # chunk size used for sampling (0: the whole batch at once)
     metadata: list[dict] = field(default_factory=list)  # (B,) per-sample dicts ({"task", ...})
     sde_steps: list[int] | None = None  # steps sampled stochastically (None: all); others are ODE
@@ -107,6 +107,9 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
 
     sde_steps: the steps sampled with the stochastic step (None: all, as in Flow-GRPO); the others
     are deterministic Euler steps with log-prob 0 (Flow-GRPO-Fast / MixGRPO-style windows).
+    method="ode": every step is a deterministic Euler step (the evaluation sampler at rollout
+    steps); samples of a group differ by their initial noise; used by objectives that train on
+    final samples only (GRPO's `objective: nft`).
     shared_noise: the G samples of a prompt start from the same initial noise, so they differ only
     by the noise of the SDE steps (the group's reward spread is then credited to those steps);
     the deterministic steps before the first SDE step are computed once per prompt.
@@ -114,15 +117,20 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
     the SDE noise of step j (flowopd.parallel.group_noise); `generator` is then not used. With
     shared_noise a group starts from its first sample's initial noise.
     """
-    if method not in STEP_FNS:
-        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(STEP_FNS)}")
-    step_fn = STEP_FNS[method]
+    if method not in STEP_FNS and method != "ode":
+        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(STEP_FNS) + ['ode']}")
+    step_fn = STEP_FNS.get(method)
     ps, ts, gid = expand_groups(list(prompts), list(tasks), group_size)
     meta_p = metadata or [{} for _ in prompts]
     meta = [dict(m, task=t) for m, t in zip(meta_p, tasks) for _ in range(group_size)]  # (B,)
     sigmas = sigma_grid(steps, shift)  # (N+1,)
-    sde_set = set(range(steps)) if sde_steps is None else {int(j) for j in sde_steps}
-    if not sde_set or min(sde_set) < 0 or max(sde_set) >= steps:
+    if method == "ode":  # deterministic Euler steps only: final samples, no log-probs to train
+        if shared_noise:
+            raise ValueError("the 'ode' sampler with shared_noise gives G identical samples per prompt")
+        sde_set = set()
+    else:
+        sde_set = set(range(steps)) if sde_steps is None else {int(j) for j in sde_steps}
+    if method != "ode" and (not sde_set or min(sde_set) < 0 or max(sde_set) >= steps):
         raise ValueError(f"sde_steps must be a non-empty subset of 0..{steps - 1}, got {sde_steps}")
     B, shape, dev = len(ps), tuple(backend.latent_shape()), backend.device
     mb = micro_batch or B
@@ -170,6 +178,8 @@ def transition(backend, ro: Rollout, idx: Tensor, step: int, cond: Any = None, u
     (encoded prompts of ro.prompts[idx]) to avoid re-encoding; they are computed otherwise (with
     gradients, so full fine-tuning trains the text encoder too).
     """
+    if ro.method not in STEP_FNS:
+        raise ValueError(f"a rollout sampled with {ro.method!r} has no stochastic transitions to recompute")
     dev = backend.device
     idx = torch.as_tensor(idx, dtype=torch.long)
     x = ro.xs[idx, step].to(dev)  # (b, C, H, W)

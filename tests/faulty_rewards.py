@@ -1,5 +1,6 @@
-"""A reward for the fault tests, loaded by the trainers as `faulty_rewards:brightness` (the reward
-registry's package.module:function path), so an injected NaN takes the same road as a real one.
+"""Rewards for the tests, loaded by the trainers as `faulty_rewards:brightness` or
+`faulty_rewards:constant` (the reward registry's package.module:function path), so an injected
+NaN takes the same road as a real one.
 
 FLOWOPD_TEST_NAN_CALLS lists the calls (1-based, counted per process) whose first value is NaN:
 "2" or "2,4" for those calls, "2-" for every call from the second on. Unset: never.
@@ -28,3 +29,8 @@ def brightness(images, prompts, metadata=None) -> torch.Tensor:
     if _hit(CALLS["n"], os.environ.get("FLOWOPD_TEST_NAN_CALLS", "")):
         r[0] = float("nan")
     return r
+
+
+def constant(images, prompts, metadata=None) -> torch.Tensor:
+    """0.5 for every sample: every group's advantages are 0 (the NFT no-signal test)."""
+    return torch.full((len(images),), 0.5)

@@ -231,3 +231,61 @@ def test_categories_restrict_compose_prompts_only():
     prompts, tasks, _ = PromptSources(["compose"], None).draw_batch(random.Random(0), {"compose": 200})
     assert {parse(p).category for p in prompts} == {"single_object", "two_object", "counting", "colors",
                                                      "position", "color_attr"}
+
+
+def test_ode_rollout_is_the_deterministic_sampler(tiny_ckpt):
+    """sampler 'ode': Euler steps from independent initial noise, no log-probs, nothing to recompute."""
+    from flowopd.flow import ode_sample, sigma_grid
+    from flowopd.sampling import guided_velocity
+
+    backend = load_checkpoint(tiny_ckpt)
+    gen = torch.Generator().manual_seed(0)
+    ro = rollout(backend, ["a red square", "two circles"], ["compose", "compose"], 3, steps=4, cfg=2.0,
+                 method="ode", micro_batch=6, generator=gen)
+    assert ro.trainable_steps() == [] and torch.equal(ro.log_probs, torch.zeros(6, 4))
+    cond, uncond = backend.encode_prompts(ro.prompts), backend.encode_prompts([None] * 6)
+    with torch.no_grad():
+        ref = ode_sample(guided_velocity(backend, cond, uncond, 2.0), ro.xs[:, 0], sigma_grid(4))
+    assert torch.allclose(ro.final, ref, atol=1e-5)  # float32, |x| up to ~5
+    assert not torch.equal(ro.xs[0, 0], ro.xs[1, 0])  # a group's samples start from different noise
+    with pytest.raises(ValueError, match="no stochastic transitions"):
+        transition(backend, ro, ro.chunks()[0], 0)
+    with pytest.raises(ValueError, match="identical"):
+        rollout(backend, ["a red square"], ["compose"], 2, steps=2, method="ode", shared_noise=True)
+
+
+def _lora_params(final):
+    from flowopd.backends.tiny import read_weights
+
+    return read_weights(final / "adapters" / "quality.safetensors")
+
+
+def test_nft_objective_trains_the_adapter_only(tiny_ckpt, tmp_path):
+    cfg = _cfg(tiny_ckpt, objective="nft", sampler="ode", nft_timesteps=2, kl_beta=0.1, micro_batch=3,
+               steps=2)
+    final = train_grpo(cfg, tmp_path / "nft")
+    log = [json.loads(line) for line in (tmp_path / "nft" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["opt_steps"] for r in log] == [3, 3]  # 8 samples in micro-batches of 3
+    assert {"fm_mse", "v_shift", "kl_ref"} <= set(log[0]) and "clip_frac" not in log[0]
+    assert log[1]["v_shift"] > 0  # the policy moved away from the one that sampled
+    lora = _lora_params(final)
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0: every B moved
+    before, after = load_checkpoint(tiny_ckpt).model.state_dict(), load_checkpoint(final).model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nft_with_equal_rewards_changes_nothing(tiny_ckpt, tmp_path):
+    """Equal rewards give A = 0, r = 1/2: at v == v_old the NFT gradient is exactly 0, so Adam never
+    moves (weight decay 0) and the adapter stays at its zero-output init."""
+    cfg = _cfg(tiny_ckpt, objective="nft", sampler="ode", reward="faulty_rewards:constant", steps=2)
+    final = train_grpo(cfg, tmp_path / "eq")
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in _lora_params(final).items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("bad,match", [("sampler=ode", "objective: nft"), ("objective=ppo", "objective"),
+                                       ("nft_timesteps=0", "nft_timesteps")])
+def test_nft_config_validation(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        build(GRPOConfig, {}, [bad])
+    with pytest.raises(ConfigError, match="sde_window"):
+        build(GRPOConfig, {"objective": "nft", "sampler": "ode", "shared_noise": True})

@@ -5,6 +5,7 @@ import torch
 
 from flowopd.flow import step_kl
 from flowopd.losses import (flow_matching_loss, group_advantages, grpo_loss, logit_normal_sigmas, mar_loss,
+                            nft_loss, nft_weights,
                             opd_direct_loss, opd_pg_advantages)
 
 
@@ -130,3 +131,46 @@ def test_mar_loss_is_beta_times_kl():
     assert torch.allclose(mar_loss(s, a, std, 0.25, dt=-0.2, normalization="flow_grpo"),
                           0.25 * 0.2 * step_kl(s, a, std).mean())
     assert mar_loss(s, a, std, 0.0) == 0
+
+
+def test_nft_weights_map_advantages_to_unit_interval():
+    adv = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0])
+    assert torch.allclose(nft_weights(adv), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    assert torch.allclose(nft_weights(adv, scale=2.0), torch.tensor([0.0, 0.375, 0.5, 0.625, 1.0]))
+
+
+def test_nft_loss_known_values_and_gradients():
+    torch.manual_seed(0)
+    v_old, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    d = v_old[0].numel()
+    # r = 1, beta = 1: plain flow matching toward the sample
+    v = (v_old + 0.1 * torch.randn_like(v_old)).requires_grad_(True)
+    loss, st = nft_loss(v, v_old, target, torch.ones(4), beta=1.0)
+    assert torch.allclose(loss, ((v - target) ** 2).mean())
+    assert torch.allclose(st["fm_mse"], ((v - target) ** 2).mean())
+    # at v == v_old the gradient is 2 beta (2r - 1)(v_old - target) / (B * D): none at r = 1/2,
+    # toward the target for r > 1/2, away from it for r < 1/2
+    r = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    for beta in (1.0, 0.3):
+        v = v_old.clone().requires_grad_(True)
+        loss, st = nft_loss(v, v_old, target, r, beta=beta)
+        loss.backward()
+        expect = 2 * beta * (2 * r - 1).view(4, 1, 1, 1) * (v_old - target) / (4 * d)
+        assert torch.allclose(v.grad, expect, atol=1e-6)
+        assert st["v_shift"] == 0
+    assert v.grad[2].abs().max() < 1e-8
+    # a small step against the gradient moves r > 1/2 samples closer to their targets, r = 0 ones away
+    step = v_old - 10.0 * v.grad
+    dist = lambda x: ((x - target) ** 2).flatten(1).sum(1)  # noqa: E731
+    assert (dist(step)[:2] < dist(v_old)[:2]).all() and dist(step)[3] > dist(v_old)[3]
+
+
+def test_nft_loss_is_bounded_below_for_negative_samples():
+    """r = 0 alone has a finite minimum (v = ((1 + beta) v_old - target) / beta), unlike -MSE."""
+    v_old, target = torch.randn(2, 5), torch.randn(2, 5)
+    beta = 0.5
+    v_star = ((1 + beta) * v_old - target) / beta
+    at_min, _ = nft_loss(v_star, v_old, target, torch.zeros(2), beta)
+    assert at_min.item() < 1e-10
+    far, _ = nft_loss(v_star + 3.0, v_old, target, torch.zeros(2), beta)
+    assert far > at_min
