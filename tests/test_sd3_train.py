@@ -277,3 +277,25 @@ def _importable(name: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def test_grpo_nft_objective_on_sd3(world, tmp_path):
+    """objective: nft with ODE rollouts trains the SD3 LoRA (latents are not clamped) in process."""
+    from flowopd.config import build
+    from flowopd.trainers.grpo import train_grpo
+
+    c = yaml.safe_load((ROOT / "configs" / "sd35m_grpo_ocr.yaml").read_text())
+    c.update(TINY, **SMALL)
+    c.update(model=str(world / "model"), prompts={"ocr": str(world / "ocr")}, reward="dt_reward:brightness",
+             objective="nft", sampler="ode", kl_beta=0.1, eval_every=0)
+    sys.path.insert(0, str(world))  # dt_reward
+    try:
+        train_grpo(build(GRPOConfig, c), tmp_path / "nft")
+    finally:
+        sys.path.remove(str(world))
+    log = [json.loads(x) for x in (tmp_path / "nft" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["opt_steps"] == 1 and log[0]["fm_mse"] > 0 and log[0]["kl_ref"] is not None
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "nft" / "final" / "adapters" / "ocr" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
