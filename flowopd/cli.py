@@ -215,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("grpo", help="Flow-GRPO: train a teacher (one reward) or GRPO-Mix (all rewards)",
                         description="Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs "
                                     "(train_log.jsonl, tensorboard) and the resolved config go to --out; "
-                                    "OUT/final is the trained model. Examples: configs/toy_grpo_compose.yaml, "
-                                    "toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml; on SD3.5: "
+                                    "OUT/final is the trained model. `objective: nft` swaps the clipped-ratio update for "
+                                    "DiffusionNFT's forward-process loss. Examples: configs/toy_grpo_compose.yaml, "
+                                    "toy_grpo_compose_nft.yaml, toy_grpo_text.yaml, toy_grpo_quality.yaml, "
+                                    "toy_grpo_mix.yaml; on SD3.5: "
                                     "configs/sd35m_grpo_{ocr,geneval,pickscore}.yaml with --model. Runs on several "
                                     "GPUs under `accelerate launch -m flowopd grpo ...`.")
     sp.add_argument("--config", default=None, help="YAML config")

@@ -24,7 +24,8 @@ sample x0 is noised at K random levels and the policy's velocity v is pulled tow
 flow-matching target where r = 0.5 + 0.5 clip(A, -1, 1) > 1/2 and pushed away where r < 1/2,
 relative to the sampling policy's v_old. It needs no log-probs, so rollouts may use the `ode`
 sampler (the samples of a group then differ by initial noise, i.e. by layout). Measured on the toy
-compose task it learns faster than the ratio loss (see configs/toy_grpo_compose.yaml).
+compose task it learns faster than the ratio loss (configs/toy_grpo_compose_nft.yaml: compose
+0.734 against 0.651 for configs/toy_grpo_compose.yaml).
 
 Faults (flowopd.trainers.checkpointing): every `state_every` iterations the whole run state goes
 to out/state (LoRA or full weights, optimizer, EMA, RNG states); rerunning the same command on
@@ -70,7 +71,9 @@ Departures from Flow-GRPO (and why):
     not a transformer).
   - `objective: nft` is not Flow-GRPO's policy-gradient loss (see "Objectives"); with it, kl_beta
     weighs mean((v - v_base)^2) at the noised samples (the base = adapter off) instead of the
-    per-step Gaussian KL.
+    per-step Gaussian KL. Unlike DiffusionNFT, which is CFG-free, the policy trained is the guided
+    velocity at the rollout's CFG (as the ratio objective trains it), and v_old is the policy that
+    sampled this iteration's batch (no soft-updated old policy).
 
 Back ends and processes (flowopd.trainers.common, flowopd.parallel): `backend: sd3` trains a LoRA
 on an SD3 pipeline (`model`) with prompts from files (`prompts`) and saves it in diffusers' format;
