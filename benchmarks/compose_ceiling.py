@@ -9,7 +9,7 @@ the NFT objective when every sample is a winner.
     python benchmarks/compose_ceiling.py --objective fm --rank 32 --batch 64 --timesteps 1 \
         --samples 19200 --eval-every 6400          # plain flow matching, as in pretraining
     python benchmarks/compose_ceiling.py --objective fm --rank 0 --lr 1e-3 --batch 64 --timesteps 1 \
-        --categories position --samples 19200 --eval-every 3200   # full fine-tune, position only
+        --categories position --samples 19200 --eval-every 6400   # full fine-tune, position only
 
 `--objective fm` is the pretraining loss instead (the conditional velocity, prompts dropped with
 probability 0.1, logit-normal noise levels); `--rank 0` fine-tunes every weight; `--categories`
@@ -74,6 +74,7 @@ def main() -> None:
     train_checks = {c: [train_prompts(c)[(7 * i) % len(train_prompts(c))] for i in range(96)] for c in cats or []}
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     guidance = float(backend.sampling.get("cfg", 1.0))
+    guided = a.objective == "guided"
     test = [p for p in get_split("test") if p.task == "compose"]
     t0, seen = time.time(), 0
     while seen < a.samples:
@@ -81,21 +82,18 @@ def main() -> None:
         x0 = torch.as_tensor(np.stack([to_model_space(render(p.spec, rng)) for p in prompts]))
         texts = [p.text for p in prompts]
         opt.zero_grad(set_to_none=True)
-        if a.objective == "guided":
+        if guided:
             vf = guided_velocity(backend, backend.encode_prompts(texts), backend.encode_prompts([None] * len(texts)),
                                  guidance)
         else:  # pretraining's loss: the conditional velocity, prompts dropped for CFG
             cond = backend.encode_prompts([None if rng.random() < 0.1 else t for t in texts])
             vf = lambda x, t: backend.velocity(x, t, cond)  # noqa: E731
         for _ in range(a.timesteps):
-            if a.objective == "guided":
-                t = torch.rand(len(texts), generator=gen)
-            else:
-                t = logit_normal_sigmas(len(texts), generator=gen)
+            t = torch.rand(len(texts), generator=gen) if guided else logit_normal_sigmas(len(texts), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
             v = vf(interpolate(x0, noise, t), t)
-            if a.objective == "guided":
-                loss, _ = nft_loss(v, v.detach(), noise - x0, torch.ones(len(texts)))  # r = 1: flow matching
+            if guided:  # r = 1: flow matching of the guided velocity
+                loss = nft_loss(v, v.detach(), noise - x0, torch.ones(len(texts)))[0]
             else:
                 loss = flow_matching_loss(v, x0, noise)
             (loss / a.timesteps).backward()
