@@ -13,7 +13,8 @@
 2. Failures. Test and train prompts of each compose category (cycled, one image each, seed 3),
    every image classified: ok (the strict check passes), wrong number of detections or an
    invalid one (touching, off-palette, unknown shape), and, for two valid objects, relation
-   reversed / too weak (under 3 px), shapes wrong, colours wrong, binding swapped.
+   reversed / too weak (under 3 px), shapes wrong, colours wrong, binding swapped; for one
+   object or a count, shapes or colours wrong.
 
 Writes one JSON object to --out (default benchmarks/results/compose_probe_cpu.json); about 13
 minutes on a 2-core CPU.
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,7 +84,7 @@ def failure(prompt, image) -> str:
     if not all(d.valid for d in dets):
         return "invalid detection"
     if len(dets) != 2:
-        return "wrong shapes"
+        return "shapes or colours wrong"  # one object, or counting
     a, b = spec.objects
     got_shapes = sorted(d.shape for d in dets)
     if got_shapes != sorted([a.shape, b.shape]):
@@ -119,7 +119,6 @@ def main() -> None:
     ap.add_argument("--per-split", type=int, default=128, help="prompts per category and split")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/compose_probe_cpu.json"))
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     backend = load_checkpoint(a.checkpoint)
     t0 = time.time()
     print("word order:", flush=True)
