@@ -93,10 +93,8 @@ def failure(prompt, image) -> str:
         da = next(d for d in dets if d.shape == a.shape)
         db = next(d for d in dets if d.shape == b.shape)
         return "relation reversed" if relation_holds(INVERSE[spec.relation], da.centre, db.centre) else "relation too weak"
-    if spec.category == "color_attr":
-        if sorted(d.color for d in dets) == sorted([a.color, b.color]):
-            return "binding swapped"
-        return "colours wrong"
+    if spec.category == "color_attr" and sorted(d.color for d in dets) == sorted([a.color, b.color]):
+        return "binding swapped"
     return "colours wrong"
 
 
