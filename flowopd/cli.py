@@ -70,6 +70,10 @@ def cmd_eval(args) -> int:
         write_images(tmp, images, [{"prompt": p.text, "task": p.task} for p in prompts])
         (tmp / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
+    se = metrics["se"]
+    summary = ", ".join(f"{k} {metrics[k]:.3f} ± {se[k]:.3f}" for k in ("compose", "text", "quality", "average")
+                        if metrics.get(k) is not None and se.get(k) is not None)
+    print(f"{summary}, FD {metrics['fidelity']:.2f} (mean ± standard error)", file=sys.stderr)
     print(f"wrote {out}/eval.json and the {len(images)} images", file=sys.stderr)
     return 0
 

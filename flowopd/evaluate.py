@@ -29,10 +29,11 @@ def subset(prompts: list, per_group: int | None) -> list:
 def evaluate(backend, split: str = "test", steps: int | None = None, cfg: float | None = None,
              seed: int = 0, progress: bool = True, per_group: int | None = None) -> tuple[dict, np.ndarray, list]:
     """-> (metrics, images uint8 (N,32,32,3), prompts). metrics holds compose (+ per category),
-    text, quality, fidelity (FD, lower is better), average (mean of the three task scores), n.
+    text, quality, fidelity (FD, lower is better), average (mean of the three task scores), n, and
+    se: the standard error of each mean (none for FD).
     per_group limits the split to its first prompts of each (task, category) (smoke runs)."""
     from .world.fidelity import fidelity
-    from .world.scoring import score_images
+    from .world.scoring import mean_of_means_se, score_images
 
     prompts = subset(get_split(split), per_group)
     t0 = time.time()
@@ -41,5 +42,6 @@ def evaluate(backend, split: str = "test", steps: int | None = None, cfg: float 
     metrics["fidelity"] = float(fidelity(images, prompts, seed=seed))
     tasks = [metrics[k] for k in TASK_KEYS if metrics.get(k) is not None]
     metrics["average"] = float(np.mean(tasks)) if tasks else None
+    metrics["se"]["average"] = mean_of_means_se(metrics["se"].get(k) for k in TASK_KEYS if metrics.get(k) is not None)
     metrics["seconds"] = round(time.time() - t0, 1)
     return metrics, images, prompts

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .world.prompts import CATEGORIES
+
 MODELS = ("base", "teacher-compose", "teacher-text", "teacher-quality", "grpo-mix",
           "opd-merge", "opd-sft", "opd-merge-nomar")
 LABELS = {
@@ -41,13 +43,19 @@ def _f(v, nd=3):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+def _fse(r: dict, key: str) -> str:
+    """A mean with its standard error, e.g. '0.651 ± 0.030' (the mean alone where none was measured)."""
+    se = (r.get("se") or {}).get(key)
+    return _f(r.get(key)) + ("" if se is None or r.get(key) is None else f" ± {se:.3f}")
+
+
 def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for m in MODELS:
         r = results.get("models", {}).get(m)
         p = PAPER.get(m)
-        ours = [_f(r.get("compose")), _f(r.get("text")), _f(r.get("quality")), _f(r.get("fidelity"), 2),
-                _f(r.get("average"))] if r else ["-"] * 5
+        ours = [_fse(r, "compose"), _fse(r, "text"), _fse(r, "quality"), _f(r.get("fidelity"), 2),
+                _fse(r, "average")] if r else ["-"] * 5
         paper = [_f(p[0], 2), _f(p[1], 2), _f(p[2], 2), _f(p[3], 2)] if p else ["-"] * 4
         rows.append([LABELS[m]] + ours + paper)
     return rows
@@ -55,6 +63,15 @@ def table_rows(results: dict) -> list[list[str]]:
 
 HEADER = ["model", "compose", "text", "quality", "FD (lower better)", "average",
           "paper GenEval", "paper OCR", "paper DeQA", "paper PickScore"]
+
+
+def category_rows(results: dict) -> list[list[str]]:
+    """Per compose category accuracy ± standard error, one row per evaluated model."""
+    models = results.get("models", {})
+    return [[LABELS[m]] + [_fse(models[m], c) for c in CATEGORIES] for m in MODELS if m in models]
+
+
+CATEGORY_HEADER = ["model", *CATEGORIES]
 
 
 def claims(results: dict) -> list[tuple[str, bool | None, str]]:
@@ -151,20 +168,23 @@ def write_report(out: Path, results: dict, curves: dict, grid_rows: dict, grid_p
     if grid_rows:
         save_grid(grid_rows, out / "grid.png")
     rows = table_rows(results)
+    cat_rows = category_rows(results)
     cl = claims(results)
     verdict = {True: "held", False: "did not hold", None: "not measured"}
-    stage_s = results.get("stage_seconds", {})
+    stage_rows = [[k, f"{v:.0f}"] for k, v in results.get("stage_seconds", {}).items()]
     md = ["# Flow-OPD on the toy world", "",
           f"Preset `{results.get('preset')}`, measured {results.get('date', '')} on {results.get('machine', '')}. "
           "Scores on the test split (compose: GenEval-style strict accuracy, mean over categories; text: "
           "1 - normalised edit distance; quality: the learned toy quality model; FD: Frechet distance to "
-          "renders of the same prompts). Paper columns: SD3.5-Medium numbers of the paper, for comparison.", "",
-          _md_table(HEADER, rows), "", "## Claims of the paper", ""]
+          "renders of the same prompts). Each mean is followed by its standard error over the test prompts. "
+          "Paper columns: SD3.5-Medium numbers of the paper, for comparison.", "",
+          _md_table(HEADER, rows), "", "## Compose by category", "", _md_table(CATEGORY_HEADER, cat_rows), "",
+          "## Claims of the paper", ""]
     md += [f"- **{verdict[ok]}**: {c} ({ev})" for c, ok, ev in cl]
     md += ["", "## Training curves", "", "![curves](curves.png)", "", "## Samples", "",
            "One row per model (in the table's order), same prompts and seeds: " +
            "; ".join(f"`{p}`" for p in grid_prompts), "", "![grid](grid.png)", "",
-           "## Stage wall-clock seconds", "", _md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in stage_s.items()])]
+           "## Stage wall-clock seconds", "", _md_table(["stage", "seconds"], stage_rows)]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     def img(name):
@@ -173,12 +193,14 @@ def write_report(out: Path, results: dict, curves: dict, grid_rows: dict, grid_p
             return "<p>(missing)</p>"
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
 
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    def html_table(header, body):
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+        return f"<table><tr>{th}</tr>{trs}</table>"
+
     lis = "".join(f'<li class="{"ok" if ok else "no" if ok is False else "na"}"><b>{verdict[ok]}</b>: '
                   f"{html.escape(c)} ({html.escape(ev)})</li>" for c, ok, ev in cl)
     labels = "".join(f"<li>{html.escape(LABELS.get(m, m))}</li>" for m in grid_rows)
-    stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f}</td></tr>" for k, v in stage_s.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Flow-OPD toy-world report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
@@ -186,13 +208,15 @@ td:first-child,th:first-child{{text-align:left}}th{{background:#eee}}
 li.ok b{{color:#176b2c}}li.no b{{color:#a11}}img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
 <h1>Flow-OPD on the toy world</h1>
 <p>Preset <code>{html.escape(str(results.get('preset')))}</code>, measured {html.escape(str(results.get('date', '')))}
-on {html.escape(str(results.get('machine', '')))}. Test-split scores; paper columns are the paper's SD3.5-Medium numbers.</p>
-<table><tr>{th}</tr>{trs}</table>
+on {html.escape(str(results.get('machine', '')))}. Test-split scores, each with its standard error; paper columns are the
+paper's SD3.5-Medium numbers.</p>
+{html_table(HEADER, rows)}
+<h2>Compose by category</h2>{html_table(CATEGORY_HEADER, cat_rows)}
 <h2>Claims of the paper</h2><ul>{lis}</ul>
 <h2>Training curves</h2>{img('curves.png')}
 <h2>Samples</h2><p>Rows, top to bottom:</p><ol>{labels}</ol>
 <p>Prompts: {html.escape('; '.join(grid_prompts))}</p>{img('grid.png')}
-<h2>Stage wall-clock seconds</h2><table><tr><th>stage</th><th>seconds</th></tr>{stages}</table>
+<h2>Stage wall-clock seconds</h2>{html_table(["stage", "seconds"], stage_rows)}
 </body></html>"""
     (out / "report.html").write_text(page)
 

@@ -34,6 +34,20 @@ def test_table_has_every_model_and_paper_numbers():
     assert base[1] == "0.500" and base[6] == "0.63"  # ours, then the paper's SD3.5-M GenEval
 
 
+def test_table_shows_standard_errors_and_categories(tmp_path):
+    from flowopd.report import category_rows
+
+    res = _res()
+    res["models"]["base"].update(position=0.25, se={"compose": 0.0312, "position": 0.0541})
+    base = table_rows(res)[0]
+    assert base[1] == "0.500 ± 0.031" and base[2] == "0.500"  # no se recorded for text: the mean alone
+    cats = category_rows(res)
+    assert len(cats) == len(MODELS) and cats[0][5] == "0.250 ± 0.054"
+    write_report(tmp_path, res, {}, {}, [])
+    assert "0.250 ± 0.054" in (tmp_path / "report.md").read_text()
+    assert "0.250 ± 0.054" in (tmp_path / "report.html").read_text()
+
+
 def test_write_report_files(tmp_path):
     curves = {"teacher-compose": [{"rollouts": 64, "reward/compose": 0.3}, {"rollouts": 128, "reward/compose": 0.5}]}
     grid = {m: np.full((2, 32, 32, 3), 255, np.uint8) for m in MODELS[:3]}

@@ -414,6 +414,26 @@ def test_score_images_mixed_and_task_reward():
     assert empty["compose"] is None and empty["text"] is None and empty["quality"] is None and empty["n"] == 0
 
 
+def test_standard_errors_known_answers():
+    from flowopd.world.scoring import mean_of_means_se, standard_error
+
+    # 0/1 outcomes 1,1,0,0: sample std sqrt(1/3), n = 4 -> sqrt(1/12)
+    assert np.isclose(standard_error([1, 1, 0, 0]), np.sqrt(1 / 12))
+    assert standard_error([0.5]) is None and standard_error([2.0, 2.0, 2.0]) == 0.0
+    assert np.isclose(mean_of_means_se([0.3, 0.4]), 0.25)  # sqrt(0.09 + 0.16) / 2
+    assert mean_of_means_se([0.1, None]) is None and mean_of_means_se([]) is None
+    # score_images: two colour prompts, one right and one blank -> colors 0.5 with se 0.5
+    rng = random.Random(2)
+    prompts = [make_prompt("a red square", "compose"), make_prompt("a blue circle", "compose"),
+               make_prompt('a sign that says "K7"'), make_prompt('a sign that says "K7"')]
+    imgs = np.stack([render(prompts[0].spec, rng), WHITE, render(prompts[2].spec, rng), WHITE])
+    res = score_images(imgs, prompts)
+    assert res["colors"] == 0.5 and np.isclose(res["se"]["colors"], 0.5)
+    assert np.isclose(res["se"]["compose"], 0.5)  # one category: the compose se is its se
+    assert res["text"] == 0.5 and np.isclose(res["se"]["text"], 0.5)
+    assert "quality" not in res["se"] and "position" not in res["se"]
+
+
 def test_as_uint8_images():
     from flowopd.world.render import to_model_space
 

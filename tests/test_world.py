@@ -325,6 +325,9 @@ def test_splits_reproducible():
     for cat in CATEGORIES:
         assert sum(p.category == cat and p.task == "compose" for p in test) == TEST_SIZES["compose_per_category"]
     assert [p.text for p in test] == [p.text for p in P.test_split.__wrapped__()]
+    lengths = [len(p.spec.text) for p in test if p.task == "text"]
+    assert sorted(set(lengths)) == [1, 2, 3, 4]
+    assert all(lengths.count(n) == TEST_SIZES["text"] // 4 for n in range(1, 5))
     r1, r2 = random.Random(3), random.Random(3)
     assert [sample_prompt(r1, "compose").text for _ in range(20)] == [sample_prompt(r2, "compose").text for _ in range(20)]
 

@@ -44,7 +44,7 @@ HELDOUT_POSITION = (
 )
 
 TEST_SEED = 1234
-TEST_SIZES = {"compose_per_category": 32, "text": 64, "quality": 64}
+TEST_SIZES = {"compose_per_category": 64, "text": 64, "quality": 64}  # text: an equal share per length 1-4
 
 
 class PromptError(UserError, ValueError):
@@ -256,10 +256,12 @@ def train_split(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[P
 
 @lru_cache(maxsize=None)
 def test_split() -> tuple[Prompt, ...]:
-    """The fixed evaluation set: 32 prompts per compose category, 64 text, 64 quality.
+    """The fixed evaluation set: 64 prompts per compose category, 64 text, 64 quality.
 
     Compose and quality prompts cycle through each category's held-out prompts;
-    text prompts are the first 64 test strings in a seeded order.
+    text prompts are test strings in a seeded order, an equal number of each
+    length 1-4 (short signs are the hardest, and a uniform draw of distinct
+    strings holds few of them).
     """
     rng = random.Random(TEST_SEED)
     out: list[Prompt] = []
@@ -269,7 +271,9 @@ def test_split() -> tuple[Prompt, ...]:
         out += [make_prompt(pool[i % len(pool)], "compose") for i in range(k)]
     texts = sorted(_test_texts())
     rng.shuffle(texts)
-    out += [make_prompt(sign_prompt(t), "text") for t in texts[: TEST_SIZES["text"]]]
+    per_len = TEST_SIZES["text"] // MAX_TEXT_LEN
+    for n in range(1, MAX_TEXT_LEN + 1):
+        out += [make_prompt(sign_prompt(t), "text") for t in [t for t in texts if len(t) == n][:per_len]]
     for i in range(TEST_SIZES["quality"]):
         cat = CATEGORIES[i % len(CATEGORIES)]
         pool = test_prompts_of(cat)

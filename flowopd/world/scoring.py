@@ -568,6 +568,18 @@ def task_reward(images, prompts, compose: str = "strict") -> np.ndarray:
     return out
 
 
+def standard_error(values) -> float | None:
+    """Standard error of a mean: sample std (ddof=1) / sqrt(n); None for fewer than 2 values."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+
+
+def mean_of_means_se(ses) -> float | None:
+    """Standard error of the plain mean of K independent means with standard errors ses."""
+    ses = list(ses)
+    return None if not ses or None in ses else float(np.sqrt(np.sum(np.square(ses))) / len(ses))
+
+
 def score_images(images, prompts: Sequence[Prompt]) -> dict:
     """Evaluation summary of images for their prompts.
 
@@ -575,7 +587,9 @@ def score_images(images, prompts: Sequence[Prompt]) -> dict:
     category's strict accuracy (compose-task prompts only), one key per compose
     category (None when absent), "text": mean text_score over text-task prompts,
     "quality": mean quality_score over quality-task prompts, "n": number of
-    images}; a task without prompts gives None.
+    images, "se": {the standard error of each of those means}}; a task without
+    prompts gives None. compose's standard error treats the categories as
+    independent samples (its mean is a plain mean of category means).
     """
     imgs, prompts = _pairs(images, prompts)
     prompts = [_prompt(p) for p in prompts]
@@ -591,15 +605,21 @@ def score_images(images, prompts: Sequence[Prompt]) -> dict:
             q_idx.append(i)
     out: dict = {}
     accs = {c: (float(np.mean(v)) if v else None) for c, v in per_cat.items()}
-    present = [a for a in accs.values() if a is not None]
-    out["compose"] = float(np.mean(present)) if present else None
+    se = {c: standard_error(v) for c, v in per_cat.items() if v}
+    present = [c for c, a in accs.items() if a is not None]
+    out["compose"] = float(np.mean([accs[c] for c in present])) if present else None
+    se["compose"] = mean_of_means_se(se[c] for c in present)
     out.update(accs)
     out["text"] = float(np.mean(texts)) if texts else None
+    se["text"] = standard_error(texts)
     if q_idx:
         from .quality import quality_score
 
-        out["quality"] = float(np.mean(quality_score(imgs[q_idx])))
+        q = quality_score(imgs[q_idx])
+        out["quality"] = float(np.mean(q))
+        se["quality"] = standard_error(q)
     else:
         out["quality"] = None
     out["n"] = len(imgs)
+    out["se"] = se
     return out
