@@ -48,6 +48,22 @@ def test_checkpoint_round_trip(tiny_backend, tiny_ckpt):
                           sample_images(loaded, prompts, progress=False))
 
 
+def test_checkpoint_format_is_versioned(tiny_backend, tiny_ckpt):
+    from flowopd.backends.tiny import FORMAT
+
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    assert cfg["format"] == FORMAT
+    del cfg["format"]  # a checkpoint from before the key existed: format 1, still loads with the same weights
+    (tiny_ckpt / "config.json").write_text(json.dumps(cfg))
+    old = load_checkpoint(tiny_ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_backend.model.state_dict().values(),
+                                                 old.model.state_dict().values()))
+    for bad in (FORMAT + 1, "2", 0):
+        (tiny_ckpt / "config.json").write_text(json.dumps({**cfg, "format": bad}))
+        with pytest.raises(CheckpointError, match="checkpoint format .* is not one this flowopd reads"):
+            load_checkpoint(tiny_ckpt)
+
+
 def test_sampling_independent_of_batch_size(tiny_backend):
     prompts = ["a blue circle", "two squares", "a red square", 'a sign that says "AB"']
     a = sample_images(tiny_backend, prompts, seed=3, batch_size=4, progress=False)

@@ -24,6 +24,9 @@ from .tiny_model import TinyConfig, TinyUNet, Tokenizer
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
 BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package writes
+# config.json["format"] of tiny checkpoints: bumped when a change to the model or the files would make
+# this version misread a checkpoint. Checkpoints from before the key existed are format 1 (same layout).
+FORMAT = 1
 
 
 class CheckpointError(UserError, ValueError):
@@ -123,7 +126,7 @@ class TinyBackend:
 
     # ---- save / load -----------------------------------------------------------
     def config_dict(self) -> dict:
-        return {"backend": "tiny", "model": self.model.cfg.to_dict(), "sampling": self.sampling}
+        return {"backend": "tiny", "format": FORMAT, "model": self.model.cfg.to_dict(), "sampling": self.sampling}
 
 
 def save_checkpoint(backend: TinyBackend, out: str | Path, meta: dict | None = None, state_dict=None) -> Path:
@@ -161,6 +164,10 @@ def load_checkpoint(name: str | Path, device: str = "cpu") -> TinyBackend:
             raise CheckpointError(f"{path}: backend {b!r} is not the tiny backend (load an sd3 checkpoint with "
                                   "flowopd.backends.sd3.load_sd3_checkpoint)")
         raise CheckpointError(f"{path}: unknown backend {b!r}; back ends: {', '.join(BACKENDS)}")
+    fmt = cfg.get("format", 1)
+    if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not one this flowopd reads (formats 1-{FORMAT}); "
+                              "it was written by another version of flowopd: load it with that version")
     try:
         model = TinyUNet(TinyConfig.from_dict(cfg.get("model", {})))
     except (TypeError, ValueError) as e:
