@@ -88,7 +88,7 @@ def test_sd35m_opd_config_loads(world):
     cfg = load_config(ROOT / "configs" / "sd35m_opd.yaml", [f"model={world / 'model'}", "teachers.ocr=runs/x"])
     assert isinstance(cfg, OPDConfig) and cfg.backend == "sd3" and cfg.model == str(world / "model")
     assert sorted(cfg.teachers) == ["geneval", "ocr", "pickscore"] and cfg.teachers["ocr"] == "runs/x"
-    assert (cfg.init, cfg.rule, cfg.routing, cfg.beta, cfg.ema_decay, cfg.lora_alpha) == ("merge", "pg", "task", 0.02, 0.987, 64)
+    assert (cfg.init, cfg.rule, cfg.routing, cfg.beta, cfg.ema_decay, cfg.lora_alpha) == ("merge", "kl_only", "task", 0.04, 0.987, 64)
     assert sorted(cfg.prompts) == cfg.tasks == sorted(cfg.tasks)
 
 
@@ -220,7 +220,7 @@ def test_grpo_cli_trains_an_sd3_lora_that_diffusers_loads(grpo_run, world):
 
 def test_distill_cli_with_two_teacher_adapters(grpo_run, world, tmp_path):
     """sd35m_opd.yaml with tasks ocr + pickscore: the GRPO run above and a diffusers-format LoRA as
-    teachers, merge cold start (exact: rank 32 + 4), pg rule, MAR, EMA; the teachers' own rewards are
+    teachers, merge cold start (exact: rank 32 + 4), the kl_only rule, MAR, EMA; the teachers' own rewards are
     logged (OCR through tesseract when installed; PickScore on a tiny local CLIP)."""
     from flowopd.trainers.coldstart import lora_delta
     from flowopd.trainers.sd3_teachers import lora_factors

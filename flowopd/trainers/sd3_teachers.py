@@ -89,12 +89,31 @@ def attach_factors(backend, name: str, lora: dict, rank: int, alpha: float, targ
         raise ConfigError(f"adapter {name!r} does not fit the transformer: unexpected {bad[:2]}, missing {missing[:2]}")
 
 
-def merge_teachers(backend, names: list[str], weights: list[float] | None = None):
-    """Exact LoRA of sum_i w_i delta_i over the teacher adapters `names` -> (lora, rank, alpha, targets)."""
+def factor_average(loras: list[dict], weights: list[float]) -> dict:
+    """The Flow-OPD authors' merge (CostaliyA/Flow-OPD scripts/merge.py, merge_mode "average" /
+    "weighted"): each factor averaged on its own, A = sum_i w_i A_i, B = sum_i w_i B_i, at the
+    teachers' common rank. Its delta B @ A = sum_ij w_i w_j B_i A_j is not the mean of the deltas
+    sum_i w_i B_i A_i (cross terms; each own term shrinks by w_i). {module: (A, B)}."""
+    mods = set(loras[0])
+    if any(set(lo) != mods for lo in loras[1:]):
+        raise ConfigError("merge: factor_average needs teachers adapting the same modules")
+    return {m: (sum(w * lo[m][0] for lo, w in zip(loras, weights)), sum(w * lo[m][1] for lo, w in zip(loras, weights)))
+            for m in sorted(mods)}
+
+
+def merge_teachers(backend, names: list[str], weights: list[float] | None = None, mode: str = "delta_average"):
+    """LoRA of the merged teacher adapters `names` -> (lora, rank, alpha, targets).
+    delta_average: the exact sum_i w_i delta_i as one LoRA of rank sum(r_i) (factors concatenated);
+    factor_average: the authors' average of the A and B factors (factor_average), same rank and alpha."""
     w = list(weights or [1.0 / len(names)] * len(names))
     if len(w) != len(names):
         raise ConfigError(f"coldstart.weights has {len(w)} values for {len(names)} teachers")
     parts = [lora_factors(backend, n) for n in names]
+    if mode == "factor_average":
+        if len({(p[1], p[2]) for p in parts}) != 1:
+            raise ConfigError("merge: factor_average needs teachers of one rank and alpha, got "
+                              f"{[(n, p[1], p[2]) for n, p in zip(names, parts)]}")
+        return factor_average([p[0] for p in parts], w), parts[0][1], parts[0][2], parts[0][3]
     lora = concat_loras([p[0] for p in parts], [p[2] / p[1] for p in parts], w)
     rank = sum(p[1] for p in parts)
     targets = sorted(set().union(*[p[3] for p in parts]))
@@ -114,18 +133,22 @@ def setup_sd3_opd(cfg, out: Path, dist, student: str):
     for n in names:  # frozen teachers
         backend.load_lora(n, resolve_lora(cfg.teachers[n], cfg.model))
         bank.kind[n] = "lora"
+    if cfg.anchor == "lora":  # the MAR anchor (the authors' train.mar_lora): frozen, no reward, not merged
+        backend.load_lora("anchor", resolve_lora(cfg.anchor_lora, cfg.model))
+        bank.kind["anchor"] = "lora"
     info = {"init": cfg.init}
     if cfg.init == "sft":
         raise ConfigError("init: sft is built for the toy world only; with backend sd3 use merge, none or a LoRA path")
     if cfg.init == "merge":
-        lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"))
+        lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"), cfg.merge)
         if cfg.anchor == "init":
             attach_factors(backend, "init", lora, rank, alpha, targets, trainable=False)
         attach_factors(backend, student, lora, rank, alpha, targets, trainable=True)
         info["coldstart"] = str(out / "coldstart")
         info["student_rank"] = rank
         backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
-                                meta={"trainer": "coldstart", "method": "merge", "teachers": dict(cfg.teachers),
+                                meta={"trainer": "coldstart", "method": "merge", "merge": cfg.merge,
+                                      "teachers": dict(cfg.teachers),
                                       "weights": cfg.coldstart.get("weights") or "mean"})
     elif cfg.init == "none":
         backend.add_adapter(student, rank=cfg.student_rank, alpha=cfg.lora_alpha or cfg.student_rank,
@@ -162,4 +185,4 @@ def setup_sd3_grpo(cfg, dist):
     return backend
 
 
-__all__ = ["attach_factors", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]
+__all__ = ["attach_factors", "factor_average", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]

@@ -1,0 +1,251 @@
+"""The SD3.5-M presets compute the authors' objective (issue 13), on tiny SD3 pipelines, offline.
+
+Known answers: the OPD trainer's first update under configs/sd35m_opd.yaml (model swapped for a tiny
+SD3 pipeline, sizes shrunk) has the loss of the Flow-OPD authors' kl_only formula
+(CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py) computed here by hand from the same states and
+the same adapters' velocities; runs that leave `shift` unset sample (and evaluate) on their
+scheduler's own grid; evaluation during training uses the EMA; the authors' factor-average merge;
+a MAR anchor that is any LoRA.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend  # noqa: E402
+from flowopd.config import build  # noqa: E402
+from flowopd.trainers import opd as OPD  # noqa: E402
+from flowopd.trainers.grpo import GRPOConfig, train_grpo  # noqa: E402
+from flowopd.trainers.opd import OPDConfig, load_config, train_opd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(resolution=32, max_sequence_length=16, dtype="fp32", device="cpu")
+REWARD_MODULE = '''
+import numpy as np
+
+
+def brightness(images, prompts, metadata=None):
+    return np.asarray(images, dtype=np.float32).mean(axis=(1, 2, 3)) / 255.0
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SD3 pipeline (scheduler shift 3.0) and one whose scheduler has shift 2.0, two LoRA
+    teachers (rank 4, random factors), a prompt file of two tasks, a reward module."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    d = tmp_path_factory.mktemp("sd35")
+    b = tiny_sd3_backend(0)
+    b.pipe.save_pretrained(str(d / "model"))
+    b.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    b.pipe.save_pretrained(str(d / "model_shift2"))
+    for k, name in enumerate(("ocr", "pickscore")):
+        t = SD3Backend.from_pretrained(d / "model", dtype="fp32", resolution=32, max_sequence_length=16)
+        torch.manual_seed(10 + k)
+        t.add_adapter(name, rank=4, alpha=4, init=False)
+        t.save_lora(name, d / f"teacher_{name}")
+    lines = [('A sign that says "HI"', "ocr"), ('A poster that says "OK 42"', "ocr"), ("a cat on a sofa", "pickscore"),
+             ("a red bicycle", "pickscore")]
+    (d / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p, "task": t}) for p, t in lines))
+    (d / "ocr").mkdir()
+    (d / "ocr" / "train.txt").write_text('A sign that says "HI"\nA poster that says "OK 42"\n')
+    (d / "ocr" / "test.txt").write_text('A sign that says "TEST"\n')
+    (d / "dt_reward_sd35.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(d))
+    yield d
+    sys.path.remove(str(d))
+
+
+def _opd_cfg(world, **changes) -> OPDConfig:
+    c = yaml.safe_load((ROOT / "configs" / "sd35m_opd.yaml").read_text())
+    c.update(TINY)
+    c.update(model=str(world / "model"), tasks=["ocr", "pickscore"], prompts=str(world / "prompts.jsonl"),
+             task_shares={"ocr": 1, "pickscore": 1},
+             task_rewards={"ocr": "dt_reward_sd35:brightness", "pickscore": "dt_reward_sd35:brightness"},
+             teachers={"ocr": str(world / "teacher_ocr"), "pickscore": str(world / "teacher_pickscore")},
+             steps=1, prompts_per_step=2, group_size=2, sample_steps=2, micro_batch=4, grad_accum=1,
+             timestep_fraction=0.5, eval_every=0, state_every=0)
+    c.update(changes)
+    return build(OPDConfig, c)
+
+
+def test_sd35m_opd_preset_is_the_authors_kl_only_recipe():
+    cfg = load_config(ROOT / "configs" / "sd35m_opd.yaml", ["model=x"])
+    assert (cfg.rule, cfg.kl_scale, cfg.kl_norm, cfg.adv_clip, cfg.clip_range) == ("kl_only", -1.0, "none", 5.0, 1e-4)
+    assert (cfg.step_weighting, cfg.kl_normalization, cfg.beta, cfg.anchor) == ("kl", "flow_grpo", 0.04, "base")
+    assert cfg.shift is None and cfg.step_selection == "first" and cfg.drop_zero_adv and cfg.merge == "delta_average"
+
+
+def _sde_mean_by_hand(x, v, s, s_next, s_max, a):
+    """Flow-GRPO's sde_step_with_logprob (DESIGN.md section 2), written out: (mean, std_dev_t, dt)."""
+    dt = s_next - s
+    std_dev_t = a * (s / (1 - (s_max if s == 1 else s))) ** 0.5
+    mean = x * (1 + std_dev_t**2 / (2 * s) * dt) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    return mean, std_dev_t, dt
+
+
+def test_opd_first_update_is_the_authors_kl_only_loss(world, tmp_path, monkeypatch):
+    """The trainer's first update under sd35m_opd.yaml: loss == mean(max(-A r, -A clip(r))) + beta *
+    mean KL_anchor, A = clamp(kl_scale * KL_teacher, +-5), KL = mean((mu_s - mu_t)^2) / (2 std_t^2),
+    every mean computed here from the rollout's states and each adapter's guided velocity."""
+    cfg = _opd_cfg(world)
+    seen = {}
+    real_rollout, real_transition, real_step_loss = OPD.rollout_batch, OPD.transition, OPD.opd_step_loss
+    real_setup = OPD.setup_models
+
+    def setup(*a, **k):
+        seen["models"] = real_setup(*a, **k)
+        return seen["models"]
+
+    def rollout(*a, **k):
+        seen["ro"] = real_rollout(*a, **k)
+        return seen["ro"]
+
+    def transition(backend, ro, idx, j, *a, **k):
+        seen["last"] = (idx, j)
+        return real_transition(backend, ro, idx, j, *a, **k)
+
+    def step_loss(*a, **k):
+        if "expected" not in seen:
+            seen["expected"] = by_hand(*seen["last"])
+        return real_step_loss(*a, **k)
+
+    @torch.no_grad()
+    def by_hand(idx, j):
+        backend, _, names, _, _ = seen["models"]
+        ro = seen["ro"]
+        g, a, beta, eps = cfg.cfg, cfg.noise_level, cfg.beta, cfg.clip_range
+        x, x_next = ro.xs[idx, j], ro.xs[idx, j + 1]
+        s, s_next, s_max = float(ro.sigmas[j]), float(ro.sigmas[j + 1]), float(ro.sigmas[1])
+        prompts = [ro.prompts[i] for i in idx.tolist()]
+        cond, uncond = backend.encode_prompts(prompts), backend.encode_prompts([None] * len(prompts))
+
+        def mean_of(adapter):
+            with backend.adapter(adapter):
+                vc = backend.velocity(x, torch.full((len(idx),), s), cond)
+                vu = backend.velocity(x, torch.full((len(idx),), s), uncond)
+            return _sde_mean_by_hand(x, vu + g * (vc - vu), s, s_next, s_max, a)
+
+        mu_s, std_t, dt = mean_of("student")
+        mu_base, _, _ = mean_of(None)
+        mu_t = torch.stack([mean_of(ro.tasks[i])[0][k] for k, i in enumerate(idx.tolist())])
+        log_prob = torch.distributions.Normal(mu_s, std_t * (-dt) ** 0.5).log_prob(x_next).mean(dim=(1, 2, 3))
+        kl_reward = ((mu_s - mu_t) ** 2).mean(dim=(1, 2, 3)) / (2 * std_t**2)
+        adv = torch.clamp(cfg.kl_scale * kl_reward, -cfg.adv_clip, cfg.adv_clip)
+        ratio = torch.exp(log_prob - ro.log_probs[idx, j])
+        policy = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)))
+        kl_loss = torch.mean(((mu_s - mu_base) ** 2).mean(dim=(1, 2, 3)) / (2 * std_t**2))
+        return {"loss": float(policy + beta * kl_loss), "ratio": ratio, "kl": kl_reward, "j": j}
+
+    monkeypatch.setattr(OPD, "setup_models", setup)
+    monkeypatch.setattr(OPD, "rollout_batch", rollout)
+    monkeypatch.setattr(OPD, "transition", transition)
+    monkeypatch.setattr(OPD, "opd_step_loss", step_loss)
+    train_opd(cfg, tmp_path / "opd")
+
+    log = [json.loads(x) for x in (tmp_path / "opd" / "train_log.jsonl").read_text().splitlines()]
+    rec = log[1]
+    want = seen["expected"]
+    assert want["j"] == 0  # step_selection first: round(0.5 * 2) = 1 step, the first (sigma = 1)
+    assert torch.allclose(want["ratio"], torch.ones(4), atol=1e-5)  # before any update
+    assert want["kl"].min() > 0  # the merged student differs from each teacher
+    assert rec["opt_steps"] == 1 and rec["kept"] == 1.0
+    assert rec["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
+    # and the grid is the scheduler's (shift unset in the preset: the tiny pipeline's scheduler, shift 3.0)
+    assert _scheduler_sigmas(world / "model", 2) == pytest.approx(seen["ro"].sigmas.tolist(), abs=1e-6)
+    assert yaml.safe_load((tmp_path / "opd" / "config.yaml").read_text())["shift"] == 3.0
+
+
+def _scheduler_sigmas(model_dir, n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    sched.set_timesteps(n)
+    return sched.sigmas.tolist()
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "opd"])
+def test_runs_without_shift_sample_on_their_schedulers_grid(world, tmp_path, monkeypatch, trainer):
+    """A pipeline whose scheduler has shift 2.0: rollouts (2 steps) and evaluation (3 steps, the
+    ODE) use exactly the scheduler's sigmas when the config leaves shift unset."""
+    import flowopd.flow as F
+    from flowopd.trainers import common
+
+    grids = {"roll": [], "eval": []}
+    real_rollout, real_ode = common.rollout_batch if trainer == "grpo" else OPD.rollout_batch, F.ode_sample
+
+    def rollout(*a, **k):
+        ro = real_rollout(*a, **k)
+        grids["roll"].append(ro.sigmas.tolist())
+        return ro
+
+    def ode(v, x, sigmas, *a, **k):
+        grids["eval"].append(sigmas.tolist())
+        return real_ode(v, x, sigmas, *a, **k)
+
+    monkeypatch.setattr(F, "ode_sample", ode)
+    model = str(world / "model_shift2")
+    if trainer == "grpo":
+        import flowopd.trainers.grpo as G
+
+        monkeypatch.setattr(G, "rollout_batch", rollout)
+        c = yaml.safe_load((ROOT / "configs" / "sd35m_grpo_ocr.yaml").read_text())
+        c.update(TINY)
+        c.update(model=model, prompts={"ocr": str(world / "ocr")}, reward="dt_reward_sd35:brightness", steps=1,
+                 prompts_per_step=2, group_size=2, sample_steps=2, micro_batch=4, grad_accum=1, eval_every=1,
+                 eval_steps=3, eval_prompts=1, state_every=0)
+        c.pop("shift", None)
+        train_grpo(build(GRPOConfig, c), tmp_path / "run")
+    else:
+        monkeypatch.setattr(OPD, "rollout_batch", rollout)
+        train_opd(_opd_cfg(world, model=model, eval_every=1, eval_steps=3, eval_prompts=1), tmp_path / "run")
+    assert grids["roll"] and grids["eval"]
+    for g in grids["roll"]:
+        assert g == pytest.approx(_scheduler_sigmas(model, 2), abs=1e-6)
+    for g in grids["eval"]:
+        assert g == pytest.approx(_scheduler_sigmas(model, 3), abs=1e-6)
+    assert _scheduler_sigmas(model, 2) != pytest.approx(_scheduler_sigmas(world / "model", 2), abs=1e-3)
+
+
+def test_evaluation_during_training_uses_the_ema():
+    """Evaluator with an EMA samples with the EMA weights and puts the live ones back."""
+    from flowopd.parallel import Dist
+    from flowopd.prompt_sources import PromptSources
+    from flowopd.trainers.common import EMA, Evaluator
+
+    b = tiny_sd3_backend(0)
+    b.add_adapter("s", rank=2, alpha=2, trainable=True)
+    params = b.trainable_parameters()
+    ema = EMA(params, 0.9)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)  # live weights differ from the EMA's
+    live = [p.detach().clone() for p in params]
+    seen = []
+
+    def reward(images, prompts, meta):
+        seen.append([p.detach().clone() for p in params])
+        return torch.zeros(len(prompts))
+
+    src = PromptSources(["x"], {"x": _prompt_file()})
+    cfg = build(GRPOConfig, {"backend": "sd3", "model": "m", "tasks": ["x"], "prompts": {"x": _prompt_file()},
+                             "eval_steps": 2, "eval_prompts": 1})
+    Evaluator(b, src, reward, cfg, Dist.create("cpu"), 3.0, 2, ema)()
+    assert all(torch.equal(a, e) for a, e in zip(seen[0], ema.shadow))
+    assert all(torch.equal(p, v) for p, v in zip(params, live))
+
+
+def _prompt_file():
+    import tempfile
+
+    d = Path(tempfile.mkdtemp())
+    (d / "train.txt").write_text("a cat\n")
+    (d / "test.txt").write_text("a dog\n")
+    return str(d)
