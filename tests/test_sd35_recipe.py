@@ -32,6 +32,10 @@ import numpy as np
 
 def brightness(images, prompts, metadata=None):
     return np.asarray(images, dtype=np.float32).mean(axis=(1, 2, 3)) / 255.0
+
+
+def const(images, prompts, metadata=None):
+    return np.full(len(images), 0.5, dtype=np.float32)
 '''
 
 
@@ -249,3 +253,87 @@ def _prompt_file():
     (d / "train.txt").write_text("a cat\n")
     (d / "test.txt").write_text("a dog\n")
     return str(d)
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_factor_average_merge_is_the_mean_of_the_factors_not_of_the_deltas(world, tmp_path):
+    from flowopd.trainers.coldstart import lora_delta
+    from flowopd.trainers.sd3_teachers import lora_factors, merge_teachers
+
+    b = SD3Backend.from_pretrained(world / "model", dtype="fp32", resolution=32, max_sequence_length=16)
+    for n in ("ocr", "pickscore"):
+        b.load_lora(n, world / f"teacher_{n}")
+    f = {n: lora_factors(b, n)[0] for n in ("ocr", "pickscore")}
+    lora, rank, alpha, _ = merge_teachers(b, ["ocr", "pickscore"], mode="factor_average")
+    m = "transformer_blocks.0.attn.to_q"
+    (A1, B1), (A2, B2) = f["ocr"][m], f["pickscore"][m]
+    assert (rank, alpha) == (4, 4.0)
+    assert torch.allclose(lora[m][0], (A1 + A2) / 2) and torch.allclose(lora[m][1], (B1 + B2) / 2)
+    exact, *_ = merge_teachers(b, ["ocr", "pickscore"])
+    mean_delta = (lora_delta(A1, B1, 1.0) + lora_delta(A2, B2, 1.0)) / 2
+    assert torch.allclose(lora_delta(*exact[m], 1.0), mean_delta, atol=1e-6)
+    assert not torch.allclose(lora_delta(*lora[m], 1.0), mean_delta, atol=1e-4)  # the cross terms
+    # through the trainer: the cold start written is that rank-4 LoRA
+    train_opd(_opd_cfg(world, merge="factor_average", steps=1), tmp_path / "fa")
+    assert _log(tmp_path / "fa")[0]["student_rank"] == 4
+
+
+def test_mar_anchor_can_be_any_lora(world, tmp_path):
+    """anchor: lora at the OCR teacher's weights: no third teacher (no reward, not merged), and its
+    per-step KL to the student equals the OCR teacher's on the OCR samples."""
+    out = tmp_path / "anchor"
+    train_opd(_opd_cfg(world, anchor="lora", anchor_lora=str(world / "teacher_ocr")), out)
+    log = _log(out)
+    assert log[0]["teachers"] == {"ocr": "lora", "pickscore": "lora"} and log[0]["student_rank"] == 8
+    assert log[1]["kl_anchor/ocr"] == pytest.approx(log[1]["kl_teacher/ocr"], rel=1e-5)
+    assert log[1]["kl_anchor/pickscore"] != pytest.approx(log[1]["kl_teacher/pickscore"], rel=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["mixed", "task_only"])
+def test_authors_task_modes_train_and_drop_zero_advantage_groups(world, tmp_path, rule):
+    out = tmp_path / rule
+    train_opd(_opd_cfg(world, rule=rule, kl_norm="per_sample"), out)
+    rec = _log(out)[1]
+    assert rec["opt_steps"] == 1 and rec["kept"] == 1.0 and rec["task_adv_abs"] > 0 and rec["zero_std_ratio"] == 0.0
+    assert rec["loss"] != 0.0
+    # a reward equal on every sample: every group has zero std, every sample is dropped, no loss
+    flat = tmp_path / (rule + "_flat")
+    train_opd(_opd_cfg(world, rule=rule, task_rewards={"ocr": "dt_reward_sd35:const", "pickscore": "dt_reward_sd35:const"}),
+              flat)
+    rec = _log(flat)[1]
+    assert rec["kept"] == 0.0 and rec["zero_std_ratio"] == 1.0 and rec["loss"] == 0.0
+
+
+def test_wandb_is_an_optional_logger(tmp_path, monkeypatch):
+    """wandb: PROJECT logs the scalar records to a wandb run (a stand-in module here, nothing sent);
+    without the package the config is refused with the extra to install."""
+    import types
+
+    from flowopd.config import ConfigError
+    from flowopd.trainers.runlog import RunLogger
+
+    calls = []
+
+    class Run:
+        def log(self, rec, step):
+            calls.append(("log", rec, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    lg = RunLogger(tmp_path, tensorboard=False, wandb="flowopd-test", config={"lr": 1e-4})
+    lg.log(3, {"loss": 0.5, "teachers": {"a": "lora"}, "ok": True})
+    lg.close()
+    assert calls[0] == ("init", {"project": "flowopd-test", "name": tmp_path.name, "dir": str(tmp_path),
+                                 "config": {"lr": 1e-4}})
+    assert calls[1:] == [("log", {"loss": 0.5}, 3), ("finish",)]
+    assert json.loads((tmp_path / "train_log.jsonl").read_text())["loss"] == 0.5
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="flowopd\\[wandb\\]"):
+        RunLogger(tmp_path / "x", wandb="p")
+    assert build(GRPOConfig, {"wandb": "proj"}).wandb == "proj"
