@@ -36,6 +36,10 @@ def brightness(images, prompts, metadata=None):
 
 def const(images, prompts, metadata=None):
     return np.full(len(images), 0.5, dtype=np.float32)
+
+
+def one(images, prompts, metadata=None):
+    return np.ones(len(images), dtype=np.float32)
 '''
 
 
@@ -337,3 +341,108 @@ def test_wandb_is_an_optional_logger(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="flowopd\\[wandb\\]"):
         RunLogger(tmp_path / "x", wandb="p")
     assert build(GRPOConfig, {"wandb": "proj"}).wandb == "proj"
+
+
+def test_sd35m_grpo_mix_preset_alternates_tasks_and_mixes_rewards(world, tmp_path):
+    """The authors' GRPO-Mix: one task per iteration in turns of task_shares iterations, each task's
+    reward a weighted sum (here 0.8 * 0.5 + 0.2 * 1 = 0.6 on every sample)."""
+    from flowopd.config import load
+
+    cfg = load(GRPOConfig, ROOT / "configs" / "sd35m_grpo_mix.yaml", ["model=x"])
+    assert (cfg.task_schedule, cfg.task_shares, cfg.adv_groups, cfg.kl_beta, cfg.lr) == (
+        "alternate", {"geneval": 3, "ocr": 1, "pickscore": 1}, "prompt", 0.04, 1e-4)
+    assert cfg.task_rewards["ocr"] == {"ocr": 0.8, "deqa": 0.2} and cfg.shift is None
+    c = yaml.safe_load((ROOT / "configs" / "sd35m_grpo_mix.yaml").read_text())
+    c.update(TINY)
+    mix = {"dt_reward_sd35:const": 0.8, "dt_reward_sd35:one": 0.2}
+    c.update(model=str(world / "model"), tasks=["ocr", "pickscore"], prompts=str(world / "prompts.jsonl"),
+             task_shares={"ocr": 2, "pickscore": 1}, task_rewards={"ocr": mix, "pickscore": mix}, steps=4,
+             prompts_per_step=2, group_size=2, sample_steps=2, micro_batch=4, grad_accum=1, eval_every=0, state_every=0)
+    train_grpo(build(GRPOConfig, c), tmp_path / "mix")
+    log = _log(tmp_path / "mix")
+    assert [[k.split("/")[1] for k in r if k.startswith("reward/")] for r in log] == [["ocr"], ["ocr"], ["pickscore"], ["ocr"]]
+    assert all(r["reward"] == pytest.approx(0.6) and r["zero_std_ratio"] == 1.0 for r in log)
+    with pytest.raises(Exception, match="whole-number"):
+        build(GRPOConfig, dict(c, task_shares={"ocr": 1.5, "pickscore": 1}))
+
+
+class _ScoreServer:
+    """A stand-in reward server on 127.0.0.1 (the authors' pickle protocol): answers
+    {"outputs": [score(request, i)]}, fails the first `fail` requests with a 500, records what it
+    got; serves from a thread for at most `seconds`, then stops by itself."""
+
+    def __init__(self, score, fail=0, seconds=30.0):
+        import http.server
+        import pickle
+        import threading
+        import time
+
+        owner = self
+        self.seen, self.fail = [], fail
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                data = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.seen.append(data)
+                if owner.fail > 0:
+                    owner.fail -= 1
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                body = pickle.dumps({"outputs": [score(data, i) for i in range(len(data["images"]))]})
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.server.timeout = 0.2
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._stop, deadline = False, time.time() + seconds
+
+        def serve():
+            while not self._stop and time.time() < deadline:
+                self.server.handle_request()
+            self.server.server_close()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self.thread.join(timeout=5)
+
+
+def test_deqa_and_unifiedreward_clients_speak_the_authors_server_protocol(monkeypatch):
+    import numpy as np
+
+    from flowopd.rewards import get_reward
+    from flowopd.rewards import sd3_rewards as R
+
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    images[:, :, :, 0] = np.arange(5)[:, None, None] * 50
+    with _ScoreServer(lambda d, i: 1.0 + i + 0.5 * ("prompts" in d), fail=1) as srv:
+        r = R.make_deqa_reward(url=srv.url, batch_size=3, backoff=0.01)(images, ["p"] * 5)
+        assert r.tolist() == [1.0, 2.0, 3.0, 1.0, 2.0]  # two batches (3 + 2), the first retried after a 500
+        assert len(srv.seen) == 3 and set(srv.seen[-1]) == {"images"}
+        assert all(img[:2] == b"\xff\xd8" for img in srv.seen[-1]["images"])  # JPEG
+        prompts = [f"prompt {i}" for i in range(5)]
+        u = R.make_unifiedreward_reward(url=srv.url, batch_size=4, backoff=0.01)(images, prompts)
+        assert u.tolist() == [1.5, 2.5, 3.5, 4.5, 1.5]
+        assert srv.seen[-2]["prompts"] == prompts[:4] and srv.seen[-1]["prompts"] == prompts[4:]
+        monkeypatch.setenv("FLOWOPD_DEQA_URL", srv.url)  # the registry's lazy factory reads the URL
+        assert get_reward("deqa")(images[:2], ["a", "b"]).tolist() == [1.0, 2.0]
+        srv.fail = 10
+        with pytest.raises(R.RewardServerError):
+            R.make_deqa_reward(url=srv.url, retries=1, backoff=0.01)(images[:1], ["x"])
+    with _ScoreServer(lambda d, i: 1.0) as srv:  # an answer of the wrong length is refused
+        srv_bad = R.make_deqa_reward(url=srv.url)
+        with pytest.raises(R.RewardServerError, match="returned"):
+            R.server_scores(srv.url, images[:2], lambda lo, hi, j: {"images": j[:1]}, "outputs")
+        assert srv_bad(images[:1], ["x"]).tolist() == [1.0]
+    assert R.DEQA_URL.startswith("http://127.0.0.1") and R.UNIFIEDREWARD_URL.startswith("http://127.0.0.1")

@@ -30,7 +30,7 @@ from flowopd.trainers.grpo import GRPOConfig  # noqa: E402
 from flowopd.trainers.opd import OPDConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GRPO_CONFIGS = sorted((ROOT / "configs").glob("sd35m_grpo_*.yaml"))
+GRPO_CONFIGS = sorted(p for p in (ROOT / "configs").glob("sd35m_grpo_*.yaml") if p.stem != "sd35m_grpo_mix")  # teachers
 TINY = dict(resolution=32, max_sequence_length=16, dtype="fp32", device="cpu")
 SMALL = dict(steps=1, prompts_per_step=2, group_size=2, sample_steps=2, micro_batch=2, grad_accum=2,
              eval_every=1, eval_steps=2, eval_prompts=1)

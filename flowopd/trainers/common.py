@@ -218,6 +218,29 @@ def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> to
     return out
 
 
+TASK_SCHEDULES = ("mixed", "alternate")
+
+
+def schedule_counts(schedule: str, counts: dict, tasks: list, shares: dict, step: int) -> dict:
+    """The prompts of iteration `step` (1-based) per task. "mixed": `counts` (every task in every
+    batch, by its share). "alternate": the whole batch from one task, the tasks taking turns in
+    order, each for share-many iterations (the Flow-OPD authors' training_mode = "alternate" with
+    epochs_per_cycle = the share: 3:1:1 runs geneval, geneval, geneval, ocr, pickscore, ...)."""
+    if schedule == "mixed":
+        return counts
+    cycle = [t for t in tasks for _ in range(int(shares.get(t, 1)))]
+    return {cycle[(step - 1) % len(cycle)]: sum(counts.values())}
+
+
+def check_schedule(cfg) -> None:
+    """Config check of task_schedule (alternate: whole-number shares, not all 0)."""
+    require(cfg.task_schedule in TASK_SCHEDULES, f"task_schedule must be one of {TASK_SCHEDULES}")
+    if cfg.task_schedule == "alternate":
+        shares = [cfg.task_shares.get(t, 1) for t in cfg.tasks]
+        require(all(float(s) == int(s) for s in shares) and sum(int(s) for s in shares) > 0,
+                "task_schedule alternate takes whole-number task_shares (iterations per turn)")
+
+
 def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, generator, guidance: float,
                   per_group: bool, window=None, **kw):
     """Phase 1 of the GRPO and OPD loops: draw the iteration's prompts (the same on every process)

@@ -103,7 +103,8 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import EMA, Evaluator, ModelKeys, add_trained_adapter, resolve_backend_keys, rollout_batch, start_run
+from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, resolve_backend_keys,
+                     rollout_batch, schedule_counts, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
@@ -127,7 +128,9 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     adapter_name: str = ""           # "": the single task's name, or "mix"
     # prompts and rewards
     tasks: list[str] = field(default_factory=lambda: ["compose"])
-    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal); alternate: turns
+    task_schedule: str = "mixed"     # "mixed": every batch holds every task | "alternate": one task per iteration, in turns
+                                     # of task_shares iterations (the Flow-OPD authors' training_mode = "alternate")
     categories: list[str] = field(default_factory=list)  # compose/quality prompts only from these (default: all)
     reward: str = ""                 # one reward for every sample: a name or package.module:function
     reward_mix: dict = field(default_factory=dict)    # reward name -> weight, summed on every sample
@@ -187,6 +190,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        check_schedule(self)
         for c in self.categories:
             require(c in CATEGORIES, f"unknown category {c!r}; categories are {', '.join(CATEGORIES)}")
         require(not (self.reward and self.reward_mix), "set either reward or reward_mix, not both")
@@ -485,7 +489,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
         #    processes every one draws the same P prompts and rolls out its groups (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group,
+        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group,
                                     window=lambda: window(rng), shared_noise=cfg.shared_noise)
         t_roll = time.time() - t_step
 

@@ -98,8 +98,8 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, lora_init_value, resolve_backend_keys, rollout_batch, score_tasks,
-                     start_run)
+from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, resolve_backend_keys, rollout_batch,
+                     schedule_counts, score_tasks, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir, fault_point
@@ -131,7 +131,9 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     lora_alpha: float = 0.0          # its LoRA alpha (0: = student_rank)
     # prompts
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal); alternate: turns
+    task_schedule: str = "mixed"     # "mixed": every batch holds every task | "alternate": one task per iteration, in turns
+                                     # of task_shares iterations (the Flow-OPD authors' training_mode = "alternate")
     task_rewards: dict = field(default_factory=dict)  # task -> reward name (default: the task's own)
     # routing
     routing: str = "task"            # "task" | "reward" | "soft"
@@ -195,6 +197,7 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        check_schedule(self)
         require(self.routing in ROUTING_MODES, f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.routing == "task":
             for t in self.tasks:
@@ -465,7 +468,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         t_step = time.time()
         # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
         #    several processes every one draws the same prompts and rolls out its share (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group)
+        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group)
         t_roll = time.time() - t_step
 
         # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on),
