@@ -89,6 +89,7 @@ def test_sd35m_opd_preset_is_the_authors_kl_only_recipe():
     assert (cfg.rule, cfg.kl_scale, cfg.kl_norm, cfg.adv_clip, cfg.clip_range) == ("kl_only", -1.0, "none", 5.0, 1e-4)
     assert (cfg.step_weighting, cfg.kl_normalization, cfg.beta, cfg.anchor) == ("kl", "flow_grpo", 0.04, "base")
     assert cfg.shift is None and cfg.step_selection == "first" and cfg.drop_zero_adv and cfg.merge == "delta_average"
+    assert cfg.task_schedule == "alternate" and cfg.task_shares == {"geneval": 3, "ocr": 1, "pickscore": 1}
 
 
 def _sde_mean_by_hand(x, v, s, s_next, s_max, a):
@@ -164,6 +165,7 @@ def test_opd_first_update_is_the_authors_kl_only_loss(world, tmp_path, monkeypat
     assert want["j"] == 0  # step_selection first: round(0.5 * 2) = 1 step, the first (sigma = 1)
     assert torch.allclose(want["ratio"], torch.ones(4), atol=1e-5)  # before any update
     assert want["kl"].min() > 0  # the merged student differs from each teacher
+    assert set(seen["ro"].tasks) == {"ocr"}  # task_schedule alternate: the first turn is the first task's
     assert rec["opt_steps"] == 1 and rec["kept"] == 1.0
     assert rec["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
     # and the grid is the scheduler's (shift unset in the preset: the tiny pipeline's scheduler, shift 3.0)
@@ -289,7 +291,7 @@ def test_mar_anchor_can_be_any_lora(world, tmp_path):
     """anchor: lora at the OCR teacher's weights: no third teacher (no reward, not merged), and its
     per-step KL to the student equals the OCR teacher's on the OCR samples."""
     out = tmp_path / "anchor"
-    train_opd(_opd_cfg(world, anchor="lora", anchor_lora=str(world / "teacher_ocr")), out)
+    train_opd(_opd_cfg(world, anchor="lora", anchor_lora=str(world / "teacher_ocr"), task_schedule="mixed"), out)
     log = _log(out)
     assert log[0]["teachers"] == {"ocr": "lora", "pickscore": "lora"} and log[0]["student_rank"] == 8
     assert log[1]["kl_anchor/ocr"] == pytest.approx(log[1]["kl_teacher/ocr"], rel=1e-5)

@@ -237,7 +237,7 @@ def test_distill_cli_with_two_teacher_adapters(grpo_run, world, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p, "task": t}) for p, t in lines))
     has_ocr = shutil.which("tesseract") is not None and _importable("pytesseract")
     cfg = _config(ROOT / "configs" / "sd35m_opd.yaml", tmp_path / "opd.yaml", tasks=["ocr", "pickscore"],
-                  prompts=str(tmp_path / "prompts.jsonl"), task_shares={"ocr": 1, "pickscore": 1},
+                  prompts=str(tmp_path / "prompts.jsonl"), task_shares={"ocr": 1, "pickscore": 1}, task_schedule="mixed",
                   task_rewards={"ocr": "ocr" if has_ocr else "dt_reward:brightness", "pickscore": "pickscore"},
                   teachers={"ocr": str(grpo_run), "pickscore": str(tmp_path / "teacher_pick")},
                   **{k: v for k, v in TINY.items()}, **SMALL)
