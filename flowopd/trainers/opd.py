@@ -9,10 +9,13 @@ Stage 2 of the method (DESIGN.md sections 1-2). Everything lives on ONE frozen b
     LoRA on the same base, loaded as is; a dense cold start (a teacher was a full fine-tune) is
     fit by a truncated SVD at rank `student_rank` (an approximation; logged);
   - the MAR anchor is the base with adapters off (`anchor: base`), any teacher (`anchor:
-    quality`), or a frozen copy of the student's initial adapter (`anchor: init`).
+    quality`), a frozen copy of the student's initial adapter (`anchor: init`), or any other LoRA
+    (`anchor: lora` + `anchor_lora: PATH`, the authors' `mar_lora`: a frozen adapter with no reward
+    that the merge leaves out).
 
 The loop, top to bottom (each iteration of `train_opd`):
-  1. rollout: prompts of every task in one mixed batch, SDE trajectories from the student
+  1. rollout: prompts of every task in one mixed batch (or one task per iteration, in turns:
+     `task_schedule: alternate`, as the authors' training_mode), SDE trajectories from the student
      (flowopd.rollout; CFG as configured), every state kept;
   2. reward: decode the final states and score them with the teachers' task rewards: logged
      (never trained on) and, for `routing: reward|soft`, used to route (flowopd.routing);
@@ -23,7 +26,8 @@ The loop, top to bottom (each iteration of `train_opd`):
        direct:  mean_k KL(student_k || teacher_k)     (closed form, gradient through its mean)
        pg:      the clipped-ratio loss of GRPO with the per-step advantage
                 A_k = -(log pi_s(x_k+1 | x_k) - log pi_t(x_k+1 | x_k)), detached (see below)
-     plus MAR  beta * KL(student_k || anchor_k) on every sample (a direct term in both rules);
+       kl_only, mixed, task_only: the Flow-OPD authors' objectives (see below)
+     plus MAR  beta * KL(student_k || anchor_k) on every sample (a direct term in every rule);
      the steps are drawn once per rollout and teacher / anchor means are computed once and reused
      by every inner epoch (they depend on the stored states only);
   5. log per task (KL to its teacher, MAR KL, rewards, routing shares) to JSONL (+ tensorboard
@@ -35,6 +39,27 @@ the same --out resumes from the newest intact one, bit for bit on the CPU (the c
 out/coldstart is reused). A NaN/Inf loss or gradient skips that optimizer step (logged);
 `max_bad_steps` in a row stop the run with a state of the last good weights. Rewards are only
 logged (and NaN where a reward cannot read a sample), so they are not checked.
+
+The Flow-OPD authors' objectives (CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py, their
+`train.reward_mode`; losses.reward_mode_loss), beside ours:
+  - kl_only (configs/sd35m_opd.yaml): A_k = clamp(kl_scale * norm(KL_k), +-adv_clip) with KL_k the
+    flow_grpo-normalised per-step KL to the teacher, in GRPO's clipped-ratio loss. The authors do
+    not detach A_k, so the gradient is kl_scale * grad KL_k * ratio (for kl_scale = -1 and ratio ~ 1
+    our `direct` rule) plus the score-function term A_k grad ratio (noise of zero mean at ratio 1);
+    `direct` is that objective without the noise.
+  - mixed: A_k = clamp(clamp(norm(A_task)) + kl_scale * norm(KL_k)), the task reward's group
+    advantage (per prompt, batch std) plus the KL term; task_only: A = clamp(A_task), Flow-GRPO
+    with the task reward (teachers are then unused).
+  - kl_norm: none | per_sample | per_timestep | global; the three z-scores are the same computation
+    in their code (over the micro-batch's values at one step), and so here.
+  - drop_zero_adv: samples whose task advantage is 0 (every sample of the prompt got the same
+    reward) leave the update, as the authors' mask (in every mode, kl_only too). Departure: they
+    re-add random dropped samples to fill equal micro-batches; we average over the kept samples of
+    each micro-batch (MAR too).
+  - Their loss multiplies a (B, 1) advantage by a (B,) ratio, so mean(max(...)) runs over all B x B
+    pairs: mean_i(-A_i) * mean_j(max(r_j, clip(r_j))) for kl_only. We pair each sample's advantage
+    with its own ratio; at the first update (ratio 1) the two agree, and the test of sd35m_opd.yaml
+    checks that loss against their formula.
 
 Departures from the paper / DESIGN.md (and why):
   - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
@@ -55,7 +80,8 @@ Departures from the paper / DESIGN.md (and why):
     (FD 1.65); with stand-in teachers (12 iterations, beta 0, `kl` weighting) direct 0.62/0.98/0.95
     (FD 0.93), pg `centered` 0.60/0.93/0.93 (FD 1.26), pg `sample` diverged (per-step KL to the
     teachers 0.016 -> 3.2, blank images).
-  - Step weighting (`step_weighting: velocity`, default). The exact per-step KL of the SDE is
+  - Step weighting (`step_weighting: velocity`, the default; configs/sd35m_opd.yaml sets `kl`, the
+    authors' plain per-step KL). The exact per-step KL of the SDE is
     c_k * mean (v_s - v_t)^2 with c_k from ~0.013 (sigma = 1) to ~1.6 (last step) on a 10-step
     grid: the high-noise steps that lay out the image barely count, and Adam's lr-sized steps then
     drift there unchecked. We divide each step's KL by c_k (weights normalised to mean 1), so every
@@ -72,7 +98,7 @@ Departures from the paper / DESIGN.md (and why):
     (`anchor: quality`): once the teachers kept their fidelity (windowed GRPO with a KL), the
     base (FD 0.89) was a worse anchor than the students themselves (anchor base FD 0.83, beta 0
     0.82, anchor quality 0.74; whole test split, merge init).
-  - One mixed batch holds every task; in the toy world compose and quality prompts are the same
+  - One mixed batch holds every task (task_schedule: mixed, the toy default); in the toy world compose and quality prompts are the same
     sentences with different tags, so under task routing the student sees both teachers' targets
     for one prompt and learns their average there (reward/soft routing choose per sample instead).
 
