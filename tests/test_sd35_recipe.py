@@ -476,3 +476,36 @@ def test_sft_cold_start_on_sd3(world, tmp_path):
     train_opd(_opd_cfg(world, init="sft", coldstart=sft, task_schedule="mixed", steps=2), out)
     assert (out / "coldstart" / "adapters" / "student" / "pytorch_lora_weights.safetensors").read_bytes() == before
     assert _log(out)[-1]["step"] == 2
+
+
+def test_backend_keys_left_unset_take_the_models_values(world):
+    """resolution, eval_steps, shift (and cfg, eval_cfg where used) null: the pipeline's own values."""
+    from flowopd.backends import make_backend
+    from flowopd.trainers.common import resolve_backend_keys
+
+    cfg = build(GRPOConfig, {"backend": "sd3", "model": str(world / "model_shift2"), "tasks": ["ocr"],
+                             "prompts": {"ocr": str(world / "ocr")}, "dtype": "fp32", "max_sequence_length": 16})
+    assert (cfg.resolution, cfg.shift, cfg.eval_steps, cfg.cfg, cfg.eval_cfg) == (None, None, None, None, None)
+    b = make_backend(cfg)
+    tr, vae = b.transformer.config, b.vae.config
+    assert b.resolution == tr.sample_size * 2 ** (len(vae.block_out_channels) - 1)  # the pipeline's default size
+    r = resolve_backend_keys(cfg, b)
+    assert (r.shift, r.eval_steps) == (2.0, 40) and cfg.shift is None  # the scheduler's shift; a copy
+    # the tiny toy checkpoint: shift 1.0 and 40 steps, the values the toy configs always ran with
+    toy = resolve_backend_keys(build(GRPOConfig, {}), make_backend(build(GRPOConfig, {})))
+    assert (toy.shift, toy.eval_steps) == (1.0, 40)
+
+
+def test_authors_keys_are_checked():
+    from flowopd.config import ConfigError
+
+    base = {"teachers": {"compose": "x"}, "tasks": ["compose"]}
+    for bad, msg in (({"rule": "kl"}, "rule must be"), ({"kl_norm": "batch"}, "kl_norm"),
+                     ({"kl_norm": "global", "micro_batch": 1}, "micro_batch >= 2"),
+                     ({"anchor": "lora"}, "anchor_lora"), ({"anchor_lora": "p"}, "anchor_lora"),
+                     ({"merge": "factor_average"}, "backend sd3"), ({"step_selection": "last"}, "step_selection"),
+                     ({"task_schedule": "roundrobin"}, "task_schedule")):
+        with pytest.raises(ConfigError, match=msg):
+            build(OPDConfig, {**base, **bad})
+    with pytest.raises(ConfigError, match="adv_groups"):
+        build(GRPOConfig, {"adv_groups": "task"})

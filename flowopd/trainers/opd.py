@@ -17,10 +17,13 @@ The loop, top to bottom (each iteration of `train_opd`):
   1. rollout: prompts of every task in one mixed batch (or one task per iteration, in turns:
      `task_schedule: alternate`, as the authors' training_mode), SDE trajectories from the student
      (flowopd.rollout; CFG as configured), every state kept;
-  2. reward: decode the final states and score them with the teachers' task rewards: logged
-     (never trained on) and, for `routing: reward|soft`, used to route (flowopd.routing);
+  2. reward: decode the final states and score them with the teachers' task rewards: logged,
+     for `routing: reward|soft` used to route (flowopd.routing), and for the authors' `mixed`,
+     `task_only` and `drop_zero_adv` turned into per-prompt group advantages (beyond that mask,
+     the direct, pg and kl_only rules never train on them);
   3. route: W (B, K), each sample's weights over the K teachers (task tag by default);
-  4. update: for a random subset of the steps (timestep_fraction) and every micro-batch, the
+  4. update: for a subset of the steps (timestep_fraction; random, or the first ones with
+     `step_selection: first`) and every micro-batch, the
      routed teachers compute their transition means at the student's own states, batched per
      teacher (TeacherBank.means), and the student minimises
        direct:  mean_k KL(student_k || teacher_k)     (closed form, gradient through its mean)
@@ -497,7 +500,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group)
         t_roll = time.time() - t_step
 
-        # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on),
+        # 2. reward: every teacher task's reward on the samples it can read (logged; task advantages below),
         #    gathered over the processes
         images = backend.decode(ro.final)
         rewards = score_tasks(reward_fns, images, ro.prompts, ro.tasks, ro.metadata, names)  # (b, K), NaN: unread
