@@ -5,7 +5,9 @@ SD3 pipeline, sizes shrunk) has the loss of the Flow-OPD authors' kl_only formul
 (CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py) computed here by hand from the same states and
 the same adapters' velocities; runs that leave `shift` unset sample (and evaluate) on their
 scheduler's own grid; evaluation during training uses the EMA; the authors' factor-average merge;
-a MAR anchor that is any LoRA.
+a MAR anchor that is any LoRA; the authors' mixed / task_only modes and their zero-advantage drop;
+the SFT cold start; the GRPO-Mix preset's alternating turns and mixed rewards; the DeQA-Score and
+UnifiedReward clients against a stand-in server on loopback; the optional wandb logger.
 """
 import json
 import sys

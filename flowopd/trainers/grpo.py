@@ -72,8 +72,12 @@ Departures from Flow-GRPO (and why):
     "prompt" = Flow-GRPO's per_prompt_stat_tracking = True (its tracker is cleared every epoch, so
     it pools the samples of the same prompt text in the batch); "none" = per_prompt_stat_tracking =
     False ((r - mean_batch) / (std_batch + 1e-4)).
-  - GRPO-Mix draws every batch with a fixed share of each task (mixed batches); Flow-GRPO's
-    multi-reward runs sum weighted rewards on every sample instead (`reward_mix` does that).
+  - GRPO-Mix draws every batch with a fixed share of each task (`task_schedule: mixed`, the toy
+    configs); Flow-GRPO's multi-reward runs sum weighted rewards on every sample instead
+    (`reward_mix` does that); the Flow-OPD authors' GRPO-Mix (configs/sd35m_grpo_mix.yaml) gives
+    each task its turn of whole iterations (`task_schedule: alternate`, turns of task_shares
+    iterations) with the task's reward mixed with a quality reward (a task_rewards entry may be
+    {reward: weight}).
   - LoRA targets include the U-Net's convolutions and FiLM layers (the toy backbone is a U-Net,
     not a transformer).
   - `objective: nft` is not Flow-GRPO's policy-gradient loss (see "Objectives"); with it, kl_beta
