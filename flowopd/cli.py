@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("coldstart", help="cold start for the student: merge teacher deltas, or SFT on their best samples",
                         description="merge: the exact (weighted) average of the teachers' weight deltas (for LoRA, "
                                     "of B @ A). sft: flow-matching fine-tune of the base on each teacher's best "
-                                    "samples of its own task. Writes a checkpoint directory to --out.")
+                                    "samples of its own task. Writes a checkpoint directory to --out. (Toy checkpoints; with "
+                                    "backend: sd3 the cold start runs inside `distill`, init: merge|sft.)")
     sp.add_argument("--method", required=True, choices=["merge", "sft"], help="merge or sft")
     sp.add_argument("--teachers", required=True, nargs="+", metavar="DIR",
                     help="teacher checkpoints or GRPO run folders (TASK=DIR to name the task)")
@@ -247,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("distill", help="Flow-OPD: on-policy distillation of the teachers into one student, with MAR",
                         description="The student samples SDE trajectories for prompts of all tasks; each is routed "
-                                    "to a teacher (routing=task|reward|soft) that supervises every step (rule=direct|pg), "
-                                    "plus beta * KL to the anchor (MAR). Examples: configs/toy_opd_merge.yaml; on "
-                                    "SD3.5: configs/sd35m_opd.yaml with --model.")
+                                    "to a teacher (routing=task|reward|soft) that supervises every step (rule=direct|pg, or "
+                                    "the Flow-OPD authors' kl_only|mixed|task_only), plus beta * KL to the anchor "
+                                    "(MAR). Examples: configs/toy_opd_merge.yaml; on SD3.5: configs/sd35m_opd.yaml "
+                                    "with --model (the authors' kl_only recipe, docs/sd35.md).")
     sp.add_argument("--config", default=None, help="YAML config")
     sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
     sp.add_argument("--out", required=True, help="output directory; rerunning on the same --out resumes")

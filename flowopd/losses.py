@@ -49,16 +49,18 @@ def group_advantages(rewards: Tensor, group_ids, std_scope: str = "batch",
     return adv if clip is None else adv.clamp(-clip, clip)
 
 
-def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float):
+def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, *,
+              detach_advantages: bool = True):
     """PPO-clipped policy loss:  mean(max(-A * ratio, -A * clip(ratio, 1 - e, 1 + e))),
     ratio = exp(log_prob - old_log_prob).
 
     log_prob, old_log_prob: (B,) or (B, K); advantages: same shape, or (B,) (broadcast over steps);
-    advantages are detached. Returns (loss, stats), stats a dict of detached 0-d tensors:
+    advantages are detached unless detach_advantages=False (the Flow-OPD authors' reward modes,
+    whose KL advantage keeps its graph). Returns (loss, stats), stats a dict of detached 0-d tensors:
     clip_frac = fraction with |ratio - 1| > e, ratio_mean / ratio_min / ratio_max, and
     approx_kl = 0.5 * mean((log_prob - old_log_prob)^2).
     """
-    adv = advantages.detach()
+    adv = advantages.detach() if detach_advantages else advantages
     adv = adv.view(*adv.shape, *([1] * (log_prob.ndim - adv.ndim)))  # (B, 1) against (B, K)
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -125,3 +127,91 @@ def mar_loss(mean_student: Tensor, mean_anchor: Tensor, step_std, beta: float, *
              dt=None, normalization: str = "exact") -> Tensor:
     """Manifold Anchor Regularization: beta * mean per-step KL(student || frozen anchor). Scalar."""
     return beta * opd_direct_loss(mean_student, mean_anchor, step_std, dt=dt, normalization=normalization)
+
+
+# ----------------------------------------------------------------------------- the Flow-OPD authors' modes
+
+REWARD_MODES = ("kl_only", "mixed", "task_only")
+KL_NORMS = ("none", "per_sample", "per_timestep", "global")
+
+
+def authors_kl_norm(x: Tensor, mode: str) -> Tensor:
+    """The Flow-OPD authors' `kl_norm` (CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py): "none"
+    leaves x as it is; "per_sample", "per_timestep" and "global" all compute the same thing there,
+    (x - mean) / (std + 1e-4) over the micro-batch's values at one step (torch's unbiased std),
+    gradients flowing through mean and std. (b,)"""
+    if mode == "none":
+        return x
+    if mode not in KL_NORMS:
+        raise ValueError(f"unknown kl_norm {mode!r}, expected one of {KL_NORMS}")
+    return (x - x.mean()) / (x.std() + 1e-4)
+
+
+def reward_mode_loss(mode: str, kl: Tensor, log_prob: Tensor, old_log_prob: Tensor, task_adv: Tensor | None, *,
+                     kl_scale: float = -1.0, kl_norm: str = "none", adv_clip: float = 5.0,
+                     clip_range: float = 1e-4, keep: Tensor | None = None):
+    """One step of the Flow-OPD authors' OPD objective (their `train.reward_mode`) for a micro-batch.
+
+        kl_only:   A = clip(kl_scale * norm(KL), +-adv_clip)
+        mixed:     A = clip(clip(norm(A_task), +-adv_clip) + kl_scale * norm(KL), +-adv_clip)
+        task_only: A = clip(A_task, +-adv_clip)
+        loss = mean(max(-A * ratio, -A * clip(ratio, 1 - e, 1 + e)))
+
+    kl: (b,) per-step KL(student || teacher) WITH its graph: the authors do not detach it, so the
+    surrogate's gradient is kl_scale * grad KL * ratio (the direct rule, for kl_scale = -1) plus
+    the score-function term A * grad ratio. task_adv: (b,) group advantages of the task reward
+    (mixed, task_only). keep: (b,) bool, the samples kept (their zero-advantage drop); a
+    micro-batch with none kept gives a zero loss. -> (loss, stats) as grpo_loss."""
+    if mode not in REWARD_MODES:
+        raise ValueError(f"unknown reward mode {mode!r}, expected one of {REWARD_MODES}")
+    if mode == "kl_only":
+        adv = (kl_scale * authors_kl_norm(kl, kl_norm)).clamp(-adv_clip, adv_clip)
+    elif mode == "mixed":
+        task = authors_kl_norm(task_adv, kl_norm).clamp(-adv_clip, adv_clip)
+        adv = (task + kl_scale * authors_kl_norm(kl, kl_norm)).clamp(-adv_clip, adv_clip)
+    else:
+        adv = task_adv.clamp(-adv_clip, adv_clip)
+    if keep is not None:
+        if not bool(keep.any()):
+            return log_prob.sum() * 0.0, {}
+        log_prob, old_log_prob, adv = log_prob[keep], old_log_prob[keep], adv[keep]
+    return grpo_loss(log_prob, old_log_prob, adv, clip_range, detach_advantages=False)
+
+
+def advantage_groups(mode: str, group_ids, prompts):
+    """The groups of GRPO's advantages: "draw" = the G samples of one prompt draw (group_ids);
+    "prompt" = every sample of the same prompt text in the batch (Flow-GRPO's
+    per_prompt_stat_tracking = True: PerPromptStatTracker pools a prompt drawn twice); "none" = the
+    whole batch is one group (per_prompt_stat_tracking = False: (r - mean_batch) / (std + 1e-4))."""
+    if mode == "draw":
+        return group_ids
+    if mode == "prompt":
+        return list(prompts)
+    if mode == "none":
+        return torch.zeros(len(prompts), dtype=torch.long)
+    raise ValueError(f"unknown adv_groups {mode!r}, expected draw, prompt or none")
+
+
+def zero_std_groups(rewards: Tensor, groups) -> Tensor:
+    """(B,) bool: the sample's group has rewards all equal (zero std), so its group advantage is 0
+    and carries no signal (the samples the Flow-OPD authors drop from the update)."""
+    keys = groups.tolist() if torch.is_tensor(groups) else list(groups)
+    first: dict = {}
+    same: dict = {}
+    for k, r in zip(keys, rewards.tolist()):
+        first.setdefault(k, r)
+        same[k] = same.get(k, True) and r == first[k]
+    return torch.tensor([same[k] for k in keys], dtype=torch.bool)
+
+
+def group_reward_stats(rewards: Tensor, groups) -> dict:
+    """{"zero_std_ratio": share of groups whose rewards are all equal (no learning signal),
+    "reward_std_mean": mean over groups of the rewards' population std}, as Flow-GRPO's
+    calculate_zero_std_ratio logs them."""
+    keys = groups.tolist() if torch.is_tensor(groups) else list(groups)
+    by: dict = {}
+    for k, r in zip(keys, rewards.tolist()):
+        by.setdefault(k, []).append(r)
+    stds = [torch.tensor(v, dtype=torch.float64).std(unbiased=False).item() for v in by.values()]
+    zero = [all(x == v[0] for x in v) for v in by.values()]
+    return {"zero_std_ratio": sum(zero) / max(1, len(zero)), "reward_std_mean": sum(stds) / max(1, len(stds))}

@@ -174,3 +174,81 @@ def test_nft_loss_is_bounded_below_for_negative_samples():
     assert at_min.item() < 1e-10
     far, _ = nft_loss(v_star + 3.0, v_old, target, torch.zeros(2), beta)
     assert far > at_min
+
+
+# ----------------------------------------------------------------------------- the Flow-OPD authors' modes
+
+
+def _kl_setup(seed=0):
+    """A student mean with a graph, a teacher mean, and a log-prob of the student's mean (ratio 1)."""
+    g = torch.Generator().manual_seed(seed)
+    mu_s = torch.randn(4, 2, 3, 3, generator=g).requires_grad_(True)
+    mu_t = torch.randn(4, 2, 3, 3, generator=g)
+    x_next = torch.randn(4, 2, 3, 3, generator=g)
+    std = 0.8
+    log_prob = torch.distributions.Normal(mu_s, std).log_prob(x_next).mean(dim=(1, 2, 3))
+    kl = ((mu_s - mu_t) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+    return mu_s, kl, log_prob
+
+
+def test_kl_only_loss_and_gradient_are_the_direct_rule_plus_the_score_term():
+    from flowopd.losses import reward_mode_loss
+
+    mu_s, kl, log_prob = _kl_setup()
+    loss, _ = reward_mode_loss("kl_only", kl, log_prob, log_prob.detach(), None, kl_scale=-1.0, adv_clip=5.0)
+    assert loss.item() == pytest.approx(kl.mean().item(), rel=1e-6)  # ratio 1: mean(-A) = mean KL
+    (g,) = torch.autograd.grad(loss, mu_s)
+    # d/dtheta mean(KL * ratio) at ratio 1 = grad mean KL (the direct rule) + mean(KL * grad log_prob)
+    mu2, kl2, lp2 = _kl_setup()
+    (want,) = torch.autograd.grad(kl2.mean() + (kl2.detach() * lp2).mean(), mu2)
+    assert torch.allclose(g, want, atol=1e-6)
+    # the detached advantage (our `pg` rule's form) loses the direct term
+    mu3, kl3, lp3 = _kl_setup()
+    (g3,) = torch.autograd.grad(grpo_loss(lp3, lp3.detach(), -kl3, 1e-4)[0], mu3, retain_graph=True)
+    (want3,) = torch.autograd.grad((kl3.detach() * lp3).mean(), mu3)
+    assert torch.allclose(g3, want3, atol=1e-6)
+
+
+def test_authors_modes_clip_normalise_and_mix_by_hand():
+    from flowopd.losses import authors_kl_norm, reward_mode_loss
+
+    kl = torch.tensor([0.5, 7.0, 1.0, 2.0])
+    lp = torch.zeros(4)
+    # kl_only clamps A = -KL at -5: the 7.0 counts as 5
+    loss, _ = reward_mode_loss("kl_only", kl, lp, lp, None, kl_scale=-1.0, adv_clip=5.0)
+    assert loss.item() == pytest.approx((0.5 + 5.0 + 1.0 + 2.0) / 4)
+    z = (kl - kl.mean()) / (kl.std() + 1e-4)  # torch's unbiased std, as the authors'
+    for mode in ("per_sample", "per_timestep", "global"):
+        assert torch.allclose(authors_kl_norm(kl, mode), z)
+    assert torch.equal(authors_kl_norm(kl, "none"), kl)
+    task = torch.tensor([1.0, -1.0, 6.0, 0.0])
+    loss, _ = reward_mode_loss("mixed", kl, lp, lp, task, kl_scale=-0.5, adv_clip=5.0)
+    adv = (task.clamp(-5, 5) - 0.5 * kl).clamp(-5, 5)
+    assert loss.item() == pytest.approx((-adv).mean().item())
+    loss, _ = reward_mode_loss("task_only", kl, lp, lp, task, adv_clip=5.0)
+    assert loss.item() == pytest.approx(-(1.0 - 1.0 + 5.0 + 0.0) / 4)
+    keep = torch.tensor([True, False, True, False])
+    loss, _ = reward_mode_loss("task_only", kl, lp, lp, task, keep=keep)
+    assert loss.item() == pytest.approx(-(1.0 + 5.0) / 2)
+    loss, _ = reward_mode_loss("task_only", kl, lp, lp, task, keep=torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+
+
+def test_advantage_groups_and_zero_std_groups():
+    from flowopd.losses import advantage_groups, group_reward_stats, zero_std_groups
+
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.4])
+    gid = torch.tensor([0, 0, 1, 1, 2, 2])
+    prompts = ["a", "a", "b", "b", "a", "a"]  # prompt "a" drawn twice
+    by_draw = group_advantages(r, advantage_groups("draw", gid, prompts), clip=None)
+    by_prompt = group_advantages(r, advantage_groups("prompt", gid, prompts), clip=None)
+    whole = group_advantages(r, advantage_groups("none", gid, prompts), clip=None)
+    std = r.std(unbiased=False)
+    assert by_draw[0].item() == 0.0 and by_draw[2].item() == pytest.approx(-0.5 / (std + 1e-4).item())
+    assert by_prompt[0].item() == pytest.approx((1.0 - 0.65) / (std + 1e-4).item(), rel=1e-5)
+    assert torch.allclose(whole, (r - r.mean()) / (std + 1e-4))
+    assert zero_std_groups(r, gid).tolist() == [True, True, False, False, False, False]
+    st = group_reward_stats(r, gid)
+    assert st["zero_std_ratio"] == pytest.approx(1 / 3)
+    assert st["reward_std_mean"] == pytest.approx((0.0 + 0.5 + 0.1) / 3)
+    assert group_reward_stats(r, prompts)["zero_std_ratio"] == 0.0

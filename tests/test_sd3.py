@@ -406,6 +406,6 @@ def test_unpickling_server_answers_is_restricted():
 
 
 def test_sd3_reward_factories_are_listed():
-    assert set(R.SD3_REWARDS) == {"ocr", "pickscore", "clipscore", "aesthetic", "geneval"}
+    assert set(R.SD3_REWARDS) == {"ocr", "pickscore", "clipscore", "aesthetic", "geneval", "deqa", "unifiedreward"}
     lazy = R.lazy(R.make_geneval_reward, url="http://127.0.0.1:9")
     assert lazy.__name__ == "geneval"  # nothing built or contacted until called

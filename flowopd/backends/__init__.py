@@ -8,7 +8,7 @@ def make_backend(cfg, checkpoint: str | None = None, device=None):
 
     cfg.backend "tiny": the flowopd checkpoint `checkpoint` (GRPO's `init`, OPD's `base`; 'base' =
     the shipped base). cfg.backend "sd3": `SD3Backend.from_pretrained(cfg.model)` (a diffusers
-    StableDiffusion3Pipeline directory or hub id) with the config's resolution, dtype,
+    StableDiffusion3Pipeline directory or hub id) with the config's resolution (None: the pipeline's), dtype,
     mixed_precision, max_sequence_length and gradient_checkpointing; diffusers is imported only here.
     """
     from ..config import ConfigError
@@ -23,7 +23,7 @@ def make_backend(cfg, checkpoint: str | None = None, device=None):
         if not cfg.model:
             raise ConfigError("backend sd3 needs model (a StableDiffusion3Pipeline directory or hub id)")
         return SD3Backend.from_pretrained(
-            cfg.model, device=device, dtype=cfg.dtype, resolution=cfg.resolution,
+            cfg.model, device=device, dtype=cfg.dtype, resolution=getattr(cfg, "resolution", None),
             max_sequence_length=cfg.max_sequence_length, gradient_checkpointing=cfg.gradient_checkpointing,
             mixed_precision=cfg.mixed_precision)
     raise ConfigError(f"unknown backend {kind!r}; use tiny or sd3")

@@ -123,7 +123,7 @@ class SD3Backend:
     name = "sd3"
 
     def __init__(self, transformer, vae, text_encoders=(None, None, None), tokenizers=(None, None, None), *,
-                 device: str | torch.device = "cpu", dtype="fp32", vae_dtype="fp32", resolution: int = 512,
+                 device: str | torch.device = "cpu", dtype="fp32", vae_dtype="fp32", resolution: int | None = None,
                  max_sequence_length: int = 128, sampling: dict | None = None, lora_dtype="fp32",
                  gradient_checkpointing: bool = False, prompt_cache_size: int = 256,
                  encode_batch_size: int = 32, decode_batch_size: int = 8, model_id: str = "", scheduler=None,
@@ -133,7 +133,8 @@ class SD3Backend:
         text_encoders: (CLIP-L, CLIP-G, T5 or None) with projection; tokenizers: the matching three.
         dtype: weights of the transformer and text encoders (fp32, bf16, fp16); vae_dtype: the VAE's
         (float32 by default, as Flow-GRPO); lora_dtype: the adapters' weights (float32: trained in
-        full precision over half-precision base weights). resolution: image side in pixels.
+        full precision over half-precision base weights). resolution: image side in pixels (None: the
+        pipeline's default, transformer sample_size x VAE factor: 1024 for SD3.5-M).
         max_sequence_length: T5 tokens (Flow-GRPO uses 128; diffusers' pipeline default is 256).
         scheduler: kept for `self.pipe.__call__` only (our samplers use flowopd.flow's grids).
         mixed_precision: None/"none" (default: compute in the weights' dtype), or "fp16"/"bf16": the
@@ -148,7 +149,6 @@ class SD3Backend:
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
         self.lora_dtype = _dtype(lora_dtype)
-        self.resolution = int(resolution)
         self.max_sequence_length = int(max_sequence_length)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.model_id = str(model_id)
@@ -176,6 +176,7 @@ class SD3Backend:
             vae=self.vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
             text_encoder_3=te3, tokenizer_3=tok3 if te3 is not None else None)
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution) if resolution is not None else int(self.transformer.config.sample_size) * vae_scale
         patch = int(self.transformer.config.patch_size)
         if self.resolution % (vae_scale * patch):
             raise SD3Error(f"resolution {self.resolution} must be a multiple of {vae_scale * patch} "

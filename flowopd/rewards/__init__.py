@@ -106,10 +106,12 @@ def weighted_sum(weights: Mapping[str, float]) -> RewardFn:
     return mixed
 
 
-def per_task(task_rewards: Mapping[str, str], weights: Mapping[str, float] | None = None) -> RewardFn:
+def per_task(task_rewards: Mapping[str, str | Mapping[str, float]], weights: Mapping[str, float] | None = None) -> RewardFn:
     """One reward that scores each sample with its own task's reward (metadata[i]["task"]),
-    times that task's weight (default 1). A sample of a task without a reward is an error."""
-    fns = {t: get_reward(r) for t, r in task_rewards.items()}
+    times that task's weight (default 1). A task's reward is a name, or {name: weight} summed
+    (weighted_sum; e.g. {geneval: 0.8, deqa: 0.2}, the Flow-OPD authors' GRPO-Mix reward_fn).
+    A sample of a task without a reward is an error."""
+    fns = {t: weighted_sum(r) if isinstance(r, Mapping) else get_reward(r) for t, r in task_rewards.items()}
     weights = dict(weights or {})
 
     def routed(images, prompts, metadata=None) -> torch.Tensor:

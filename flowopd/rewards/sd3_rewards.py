@@ -1,4 +1,5 @@
-"""Rewards of the SD3.5 experiments: OCR, PickScore, CLIP score, LAION aesthetic, GenEval.
+"""Rewards of the SD3.5 experiments: OCR, PickScore, CLIP score, LAION aesthetic, and the reward-server
+clients GenEval, DeQA-Score and UnifiedReward.
 
 Every reward is a function `(images uint8 (B, H, W, 3), prompts (B,), metadata (B,) or None) ->
 torch.Tensor (B,)` built by a factory in `SD3_REWARDS` (models are loaded once, when the factory
@@ -32,6 +33,16 @@ Definitions (each as in Flow-GRPO's code, yifan123/flow_grpo, unless said otherw
     exponential back-off on connection errors and 5xx answers (Flow-GRPO: 1000 retries on 500),
     and answers are unpickled with an allow-list (plain containers, numbers, numpy arrays): a
     server cannot make the trainer run code.
+  - deqa, unifiedreward: clients of the servers of the quality (DeQA-Score) and preference
+    (UnifiedReward) models, which need their own environments; the protocol of the Flow-OPD
+    authors' flow_grpo/rewards.py (deqa_score_remote, unifiedreward_score_remote): POST a pickled
+    {"images": [JPEG bytes]} (unifiedreward: + "prompts"), answer a pickled {"outputs": [score]};
+    the reward is the raw score (DeQA: 1-5, as the authors mix it in with weight 0.2). Same client
+    as geneval (batches of 64, time-outs, bounded retries, restricted unpickling); loopback URLs by
+    default: FLOWOPD_DEQA_URL or http://127.0.0.1:18086, FLOWOPD_UNIFIEDREWARD_URL or
+    http://127.0.0.1:17140 (the authors' ports). Departure: the authors' multi_score routes
+    "unifiedreward" to an OpenAI-compatible sglang endpoint (unifiedreward_score_sglang) that parses
+    a score out of generated text; we speak the pickle protocol of their unifiedreward_score_remote.
 """
 from __future__ import annotations
 
@@ -57,6 +68,8 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 GENEVAL_URL = "http://127.0.0.1:18085"
+DEQA_URL = "http://127.0.0.1:18086"
+UNIFIEDREWARD_URL = "http://127.0.0.1:17140"
 
 
 class RewardDependencyError(UserError, ImportError):
@@ -360,6 +373,51 @@ def post_pickle(url: str, payload: dict, timeout: float = 120.0, retries: int = 
     raise RewardServerError(f"reward server {url} failed after {attempt + 1} attempt(s): {last}")
 
 
+def server_scores(url: str, images, payload: Callable[[int, int, list], dict], field: str, batch_size: int = 64,
+                  **post) -> torch.Tensor:
+    """Score images on a reward server in batches: POST payload(lo, hi, [JPEG bytes of images[lo:hi]])
+    (post_pickle: time-outs, retries), read the list answer[field], one float per image. (B,)"""
+    pils = _pil_images(images)
+    out = []
+    for lo in range(0, len(pils), batch_size):
+        hi = min(lo + batch_size, len(pils))
+        ans = post_pickle(url, payload(lo, hi, [_jpeg(p) for p in pils[lo:hi]]), **post)
+        if not isinstance(ans, dict) or field not in ans:
+            raise RewardServerError(f"reward server {url} answered without {field!r} "
+                                    f"(keys: {sorted(ans) if isinstance(ans, dict) else type(ans).__name__})")
+        vals = [float(v) for v in ans[field]]
+        if len(vals) != hi - lo:
+            raise RewardServerError(f"reward server {url} returned {len(vals)} {field} for {hi - lo} images")
+        out.extend(vals)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def make_deqa_reward(url: str | None = None, batch_size: int = 64, timeout: float = 120.0, retries: int = 5,
+                     backoff: float = 1.0) -> RewardFn:
+    """DeQA-Score image quality (1-5) from its reward server (module doc). url: env FLOWOPD_DEQA_URL
+    or http://127.0.0.1:18086. Prompts are not sent."""
+    url = url or _env("FLOWOPD_DEQA_URL", DEQA_URL)
+
+    def deqa(images, prompts, metadata=None) -> torch.Tensor:
+        return server_scores(url, images, lambda lo, hi, jpegs: {"images": jpegs}, "outputs", batch_size,
+                             timeout=timeout, retries=retries, backoff=backoff)
+
+    return deqa
+
+
+def make_unifiedreward_reward(url: str | None = None, batch_size: int = 64, timeout: float = 120.0,
+                              retries: int = 5, backoff: float = 1.0) -> RewardFn:
+    """UnifiedReward preference score of (image, prompt) from its reward server (module doc).
+    url: env FLOWOPD_UNIFIEDREWARD_URL or http://127.0.0.1:17140."""
+    url = url or _env("FLOWOPD_UNIFIEDREWARD_URL", UNIFIEDREWARD_URL)
+
+    def unifiedreward(images, prompts, metadata=None) -> torch.Tensor:
+        return server_scores(url, images, lambda lo, hi, jpegs: {"images": jpegs, "prompts": list(prompts[lo:hi])},
+                             "outputs", batch_size, timeout=timeout, retries=retries, backoff=backoff)
+
+    return unifiedreward
+
+
 def make_geneval_reward(url: str | None = None, batch_size: int = 64, only_strict: bool = True,
                         field: str = "scores", timeout: float = 120.0, retries: int = 5,
                         backoff: float = 1.0) -> RewardFn:
@@ -376,22 +434,9 @@ def make_geneval_reward(url: str | None = None, batch_size: int = 64, only_stric
             if missing:
                 raise UserError(f"geneval reward: metadata of sample {i} ({prompts[i]!r}) lacks {missing}; "
                                 "use GenEval prompts with their metadata (Flow-GRPO's dataset/geneval)")
-        pils = _pil_images(images)
-        out = []
-        for s in range(0, len(pils), batch_size):
-            ans = post_pickle(url, {"images": [_jpeg(p) for p in pils[s:s + batch_size]],
-                                    "meta_datas": [dict(m) for m in metadata[s:s + batch_size]],
-                                    "only_strict": bool(only_strict)}, timeout=timeout, retries=retries,
-                              backoff=backoff)
-            if not isinstance(ans, dict) or field not in ans:
-                raise RewardServerError(f"reward server {url} answered without {field!r} "
-                                        f"(keys: {sorted(ans) if isinstance(ans, dict) else type(ans).__name__})")
-            vals = [float(v) for v in ans[field]]
-            if len(vals) != len(pils[s:s + batch_size]):
-                raise RewardServerError(f"reward server {url} returned {len(vals)} {field} for "
-                                        f"{len(pils[s:s + batch_size])} images")
-            out.extend(vals)
-        return torch.tensor(out, dtype=torch.float32)
+        return server_scores(url, images, lambda lo, hi, jpegs: {
+            "images": jpegs, "meta_datas": [dict(m) for m in metadata[lo:hi]], "only_strict": bool(only_strict)},
+            field, batch_size, timeout=timeout, retries=retries, backoff=backoff)
 
     return geneval
 
@@ -405,6 +450,8 @@ SD3_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "clipscore": make_clip_score_reward,
     "aesthetic": make_aesthetic_reward,
     "geneval": make_geneval_reward,
+    "deqa": make_deqa_reward,
+    "unifiedreward": make_unifiedreward_reward,
 }
 
 
@@ -424,5 +471,6 @@ def lazy(factory: Callable[..., RewardFn], **kwargs) -> RewardFn:
 
 
 __all__ = ["SD3_REWARDS", "RewardDependencyError", "RewardServerError", "aesthetic_mlp", "edit_distance", "lazy",
-           "make_aesthetic_reward", "make_clip_score_reward", "make_geneval_reward", "make_ocr_reward",
-           "make_pickscore_reward", "ocr_reward_from_text", "ocr_target", "post_pickle"]
+           "make_aesthetic_reward", "make_clip_score_reward", "make_deqa_reward", "make_geneval_reward",
+           "make_ocr_reward", "make_pickscore_reward", "make_unifiedreward_reward", "ocr_reward_from_text", "ocr_target",
+           "post_pickle", "server_scores"]

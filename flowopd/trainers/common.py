@@ -6,7 +6,8 @@ Config keys (`ModelKeys`, a base of GRPOConfig and OPDConfig):
   backend                 "tiny" (the toy world's model; its checkpoint is GRPO's `init`, OPD's `base`)
                           or "sd3" (flowopd.backends.sd3 over diffusers)
   model                   sd3: a diffusers StableDiffusion3Pipeline directory or hub id (--model)
-  resolution, dtype       sd3: image side in pixels; dtype of the frozen weights (fp32 | bf16 | fp16)
+  resolution, dtype       sd3: image side in pixels (null: the pipeline's own, sample_size x VAE factor);
+                          dtype of the frozen weights (fp32 | bf16 | fp16)
   mixed_precision         sd3: none | fp16 | bf16: the transformer under torch.autocast to that dtype
   max_sequence_length     sd3: T5 tokens of the prompt embedding
   gradient_checkpointing  sd3: recompute the transformer's activations in the backward pass
@@ -18,15 +19,20 @@ Config keys (`ModelKeys`, a base of GRPOConfig and OPDConfig):
   noise                   auto | stream | per_group (flowopd.parallel.noise_mode)
   eval_every              0: off; n: every n iterations (and after the last) sample the test
                           prompts with the ODE and log eval/reward[/task]
-  eval_steps, eval_cfg    ODE steps and CFG of that evaluation (eval_cfg null: the model's own)
+  eval_steps, eval_cfg    ODE steps and CFG of that evaluation (null: the model's own)
   eval_prompts            test prompts per task (0: the whole test split)
   adam_eps                AdamW's epsilon
+  wandb                   "" (off) or a Weights & Biases project: log there too (pip install flowopd[wandb])
+
+Keys that depend on the back end take its value when unset (null): the trainers' `shift` and `cfg`,
+`eval_steps`, `eval_cfg` and `resolution` (resolve_backend_keys); the tiny checkpoint's sampling shift
+is 1.0, SD3's the scheduler's (3.0 for SD3.5).
 """
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,7 +47,7 @@ DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 class ModelKeys:
     backend: str = "tiny"
     model: str = ""
-    resolution: int = 512
+    resolution: int | None = None
     dtype: str = "bf16"
     mixed_precision: str = "none"
     max_sequence_length: int = 128
@@ -51,10 +57,11 @@ class ModelKeys:
     prompts: dict | str = field(default_factory=dict)
     noise: str = "auto"
     eval_every: int = 0
-    eval_steps: int = 40
+    eval_steps: int | None = None
     eval_cfg: float | None = None
     eval_prompts: int = 0
     adam_eps: float = 1e-8
+    wandb: str = ""
 
     def validate_model_keys(self):
         require(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -64,7 +71,7 @@ class ModelKeys:
         else:
             require(bool(self.model), "backend sd3 needs model: a StableDiffusion3Pipeline directory or hub id "
                                       "(e.g. --model stabilityai/stable-diffusion-3.5-medium)")
-        require(self.resolution >= 8, "resolution must be >= 8")
+        require(self.resolution is None or self.resolution >= 8, "resolution must be >= 8")
         require(self.dtype in DTYPES, f"dtype must be one of fp32, bf16, fp16, got {self.dtype!r}")
         require(self.mixed_precision in ("none", "fp16", "bf16"),
                 f"mixed_precision must be none, fp16 or bf16, got {self.mixed_precision!r}")
@@ -72,7 +79,7 @@ class ModelKeys:
         require(self.lora_init in ("", "default", "gaussian"),
                 f"lora_init must be '', 'default' or 'gaussian', got {self.lora_init!r}")
         require(self.noise in ("auto", "stream", "per_group"), f"noise must be auto, stream or per_group, got {self.noise!r}")
-        require(self.eval_every >= 0 and self.eval_steps >= 1 and self.eval_prompts >= 0,
+        require(self.eval_every >= 0 and (self.eval_steps is None or self.eval_steps >= 1) and self.eval_prompts >= 0,
                 "eval_every and eval_prompts must be >= 0, eval_steps >= 1")
         require(self.eval_cfg is None or self.eval_cfg >= 0, "eval_cfg must be >= 0")
         require(self.adam_eps > 0, "adam_eps must be > 0")
@@ -87,6 +94,18 @@ class ModelKeys:
     @property
     def toy_tasks_only(self) -> bool:
         return all(t in TASKS for t in self.tasks) and not self.prompts
+
+
+def resolve_backend_keys(cfg, backend):
+    """A copy of cfg whose back-end-dependent keys left unset (None) take the back end's sampling
+    defaults: shift (the grid of rollouts and evaluation) and eval_steps. (cfg and eval_cfg are
+    resolved where they are used, to the same `backend.sampling`.)"""
+    changes = {}
+    if getattr(cfg, "shift", 0) is None:
+        changes["shift"] = float(backend.sampling.get("shift", 1.0))
+    if cfg.eval_steps is None:
+        changes["eval_steps"] = int(backend.sampling.get("steps", 40))
+    return replace(cfg, **changes) if changes else cfg
 
 
 def lora_init_value(setting: str, backend):
@@ -141,16 +160,21 @@ class Evaluator:
     shift) of each test prompt of every task, scored by `reward_fn` (the training reward for GRPO,
     each task's teacher reward for OPD). Noise is drawn per prompt (seed, prompt index), so the
     numbers do not depend on the number of processes; prompts are shared out across processes and
-    the rewards gathered. Uses the live weights (not the EMA)."""
+    the rewards gathered. With an `ema` (EMA), it evaluates the EMA weights, which are what the
+    checkpoints hold (as Flow-GRPO evaluates its EMA), and puts the live ones back."""
 
-    def __init__(self, backend, sources, reward_fn, cfg, dist, shift: float, micro_batch: int):
-        self.backend, self.reward_fn, self.dist = backend, reward_fn, dist
+    def __init__(self, backend, sources, reward_fn, cfg, dist, shift: float, micro_batch: int, ema=None):
+        self.backend, self.reward_fn, self.dist, self.ema = backend, reward_fn, dist, ema
         self.items = sources.eval_set(cfg.eval_prompts)
         self.steps, self.shift, self.seed, self.mb = cfg.eval_steps, shift, cfg.seed, micro_batch
         self.cfg = float(backend.sampling.get("cfg", 1.0) if cfg.eval_cfg is None else cfg.eval_cfg)
 
-    @torch.no_grad()
     def __call__(self) -> dict:
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         from ..flow import ode_sample, sigma_grid
         from ..parallel import group_noise
         from ..sampling import guided_velocity
@@ -192,6 +216,29 @@ def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> to
         if idx:
             out[idx, k] = reward_fns[t](images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx]).float()
     return out
+
+
+TASK_SCHEDULES = ("mixed", "alternate")
+
+
+def schedule_counts(schedule: str, counts: dict, tasks: list, shares: dict, step: int) -> dict:
+    """The prompts of iteration `step` (1-based) per task. "mixed": `counts` (every task in every
+    batch, by its share). "alternate": the whole batch from one task, the tasks taking turns in
+    order, each for share-many iterations (the Flow-OPD authors' training_mode = "alternate" with
+    epochs_per_cycle = the share: 3:1:1 runs geneval, geneval, geneval, ocr, pickscore, ...)."""
+    if schedule == "mixed":
+        return counts
+    cycle = [t for t in tasks for _ in range(int(shares.get(t, 1)))]
+    return {cycle[(step - 1) % len(cycle)]: sum(counts.values())}
+
+
+def check_schedule(cfg) -> None:
+    """Config check of task_schedule (alternate: whole-number shares, not all 0)."""
+    require(cfg.task_schedule in TASK_SCHEDULES, f"task_schedule must be one of {TASK_SCHEDULES}")
+    if cfg.task_schedule == "alternate":
+        shares = [cfg.task_shares.get(t, 1) for t in cfg.tasks]
+        require(all(float(s) == int(s) for s in shares) and sum(int(s) for s in shares) > 0,
+                "task_schedule alternate takes whole-number task_shares (iterations per turn)")
 
 
 def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, generator, guidance: float,

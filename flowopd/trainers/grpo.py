@@ -10,7 +10,9 @@ The loop, top to bottom (each iteration of `train_grpo`):
      log-prob kept (flowopd.rollout);
   2. reward: decode the final states, score them (flowopd.rewards);
   3. advantages: per-prompt group advantages (r - mean_group) / (std + 1e-4), std over the whole
-     batch by default, clipped to +-adv_clip;
+     batch by default, clipped to +-adv_clip; groups are the G samples of one prompt draw, or
+     (adv_groups) Flow-GRPO's per_prompt_stat_tracking groups; the share of groups with equal rewards
+     (no signal) is logged as zero_std_ratio;
   4. update: for a random subset of the steps (timestep_fraction), recompute each transition's
      log-prob under the current policy and minimise the clipped-ratio loss
      mean(max(-A r, -A clip(r, 1-e, 1+e))) (+ kl_beta * KL to the reference = the base with the
@@ -54,19 +56,28 @@ Departures from Flow-GRPO (and why):
     and text teachers use it; the default (sde_window 0) is plain Flow-GRPO.
   - `cfg: null` uses the checkpoint's sampling CFG (the one evaluation uses) in rollouts and in
     training; the gradient flows through both the conditional and unconditional passes.
-  - all samples of a micro-batch train on the same randomly chosen steps (Flow-GRPO draws a
-    permutation per sample); the micro-batches reproduce the rollout's sampling chunks, so the
-    recomputed log-prob equals the stored one exactly before the first update (ratio exactly 1),
-    without a second "old log-prob" pass.
+  - the trained steps (timestep_fraction): `step_selection: random` (default) trains a random
+    subset, the same for every sample of the iteration; current Flow-GRPO (scripts/train_sd3.py) and
+    the Flow-OPD authors train the first int(N * timestep_fraction) steps in order, which
+    `step_selection: first` does (ours rounds: 0.9 of 10 steps is 9). The micro-batches reproduce
+    the rollout's sampling chunks, so the recomputed log-prob equals the stored one exactly before
+    the first update (ratio exactly 1), without a second "old log-prob" pass.
   - the KL to the reference uses the exact per-step Gaussian KL averaged over dimensions by
     default (kl_normalization="exact"); "flow_grpo" reproduces Flow-GRPO's code (no dt factor).
   - rewards are computed on the CPU right after the rollout (no asynchronous reward workers).
   - EMA (optional) is of the trainable parameters, updated after each optimizer step, and is what
-    the checkpoints hold; rollouts always use the live weights.
-  - no per-prompt stat tracker across steps (Flow-GRPO's optional `per_prompt_stat_tracking`
-    over a history): groups are the G samples of one prompt in the current batch.
-  - GRPO-Mix draws every batch with a fixed share of each task (mixed batches); Flow-GRPO's
-    multi-reward runs sum weighted rewards on every sample instead (`reward_mix` does that).
+    the checkpoints hold and what evaluation during training samples (as Flow-GRPO); rollouts use
+    the live weights.
+  - advantage groups (`adv_groups`): "draw" (default) = the G samples of one prompt draw;
+    "prompt" = Flow-GRPO's per_prompt_stat_tracking = True (its tracker is cleared every epoch, so
+    it pools the samples of the same prompt text in the batch); "none" = per_prompt_stat_tracking =
+    False ((r - mean_batch) / (std_batch + 1e-4)).
+  - GRPO-Mix draws every batch with a fixed share of each task (`task_schedule: mixed`, the toy
+    configs); Flow-GRPO's multi-reward runs sum weighted rewards on every sample instead
+    (`reward_mix` does that); the Flow-OPD authors' GRPO-Mix (configs/sd35m_grpo_mix.yaml) gives
+    each task its turn of whole iterations (`task_schedule: alternate`, turns of task_shares
+    iterations) with the task's reward mixed with a quality reward (a task_rewards entry may be
+    {reward: weight}).
   - LoRA targets include the U-Net's convolutions and FiLM layers (the toy backbone is a U-Net,
     not a transformer).
   - `objective: nft` is not Flow-GRPO's policy-gradient loss (see "Objectives"); with it, kl_beta
@@ -87,6 +98,7 @@ import copy
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +107,11 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import Evaluator, ModelKeys, add_trained_adapter, rollout_batch, start_run
+from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, resolve_backend_keys,
+                     rollout_batch, schedule_counts, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
-from ..losses import group_advantages, grpo_loss, nft_loss, nft_weights
+from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
 from ..flow import interpolate, step_kl
 from ..rewards import get_reward, per_task, weighted_sum
 from ..rollout import Rollout, transition
@@ -119,7 +132,9 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     adapter_name: str = ""           # "": the single task's name, or "mix"
     # prompts and rewards
     tasks: list[str] = field(default_factory=lambda: ["compose"])
-    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal); alternate: turns
+    task_schedule: str = "mixed"     # "mixed": every batch holds every task | "alternate": one task per iteration, in turns
+                                     # of task_shares iterations (the Flow-OPD authors' training_mode = "alternate")
     categories: list[str] = field(default_factory=list)  # compose/quality prompts only from these (default: all)
     reward: str = ""                 # one reward for every sample: a name or package.module:function
     reward_mix: dict = field(default_factory=dict)    # reward name -> weight, summed on every sample
@@ -132,7 +147,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     sample_steps: int = 10           # SDE steps of a rollout
     cfg: float | None = None         # CFG scale in rollouts and in training (None: the checkpoint's)
     noise_level: float = 0.7         # SDE noise level a
-    shift: float = 1.0               # time shift of the sigma grid
+    shift: float | None = None       # time shift of the sigma grid (None: the back end's: the checkpoint's / scheduler's)
     sampler: str = "sde"             # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
     micro_batch: int = 32            # samples per forward (rollout chunks = training micro-batches)
     sde_window: int = 0              # 0: every step is SDE (Flow-GRPO); k: k consecutive SDE steps, ODE elsewhere
@@ -145,9 +160,12 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     nft_timesteps: int = 2           # nft: noise levels drawn per sample and iteration
     nft_adv_scale: float = 1.0       # nft: r = 0.5 + 0.5 clip(A / nft_adv_scale, -1, 1)
     timestep_fraction: float = 1.0   # share of the steps trained per iteration
+    step_selection: str = "random"   # which: "random" (a random subset) | "first" (the first ones in order, Flow-GRPO's)
     inner_epochs: int = 1            # passes over each rollout
     grad_accum: int = 1              # micro-batches per optimizer step
     adv_std: str = "batch"           # "batch" (Flow-GRPO) or "group"
+    adv_groups: str = "draw"         # "draw" (the G samples of a prompt draw) | "prompt" (Flow-GRPO per_prompt_stat_tracking:
+                                     # same prompt text) | "none" (the whole batch, per_prompt_stat_tracking = False)
     adv_clip: float = 5.0
     clip_range: float = 1e-4
     kl_beta: float = 0.0             # weight of the KL to the reference (base, adapter off)
@@ -176,6 +194,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        check_schedule(self)
         for c in self.categories:
             require(c in CATEGORIES, f"unknown category {c!r}; categories are {', '.join(CATEGORIES)}")
         require(not (self.reward and self.reward_mix), "set either reward or reward_mix, not both")
@@ -187,7 +206,9 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(self.sample_steps >= 1, "sample_steps must be >= 1")
         require(self.cfg is None or self.cfg >= 0, "cfg must be >= 0")
         require(self.noise_level > 0, "noise_level must be > 0")
-        require(self.shift > 0, "shift must be > 0")
+        require(self.shift is None or self.shift > 0, "shift must be > 0")
+        require(self.step_selection in ("random", "first"), "step_selection must be 'random' or 'first'")
+        require(self.adv_groups in ("draw", "prompt", "none"), "adv_groups must be draw, prompt or none")
         require(self.objective in ("grpo", "nft"), f"objective must be 'grpo' or 'nft', got {self.objective!r}")
         require(self.sampler in ("sde", "cps", "ode"), f"sampler must be 'sde', 'cps' or 'ode', got {self.sampler!r}")
         require(self.sampler != "ode" or self.objective == "nft",
@@ -424,13 +445,14 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
         else:
             backend.model.requires_grad_(True)
+    cfg = resolve_backend_keys(cfg, backend)  # shift, eval_steps: the back end's when unset
     reward_fn = make_reward_fn(cfg)
     guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     params = backend.trainable_parameters()
     dist.broadcast_parameters(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
-    ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     counts = task_counts(cfg)
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
     if dist.is_main:
@@ -438,15 +460,15 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
     per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
-    evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch) if cfg.eval_every else None
+    evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch, ema) if cfg.eval_every else None
     net = backend.net if hasattr(backend, "net") else backend.model
     run = RunState(out, {n: p for n, p in net.named_parameters() if p.requires_grad}, opt,
-                   every=cfg.state_every, max_bad=cfg.max_bad_steps, ema=ema,
+                   every=cfg.state_every, max_bad=cfg.max_bad_steps, ema=ema.shadow if ema is not None else None,
                    generators={"gen": gen}, randoms={"rng": rng}, write=dist.is_main)
     start = run.resume()  # the newest intact state in out/state, if any
     if dist.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = run.logger = RunLogger(out) if dist.is_main else NullLogger()
+    logger = run.logger = RunLogger(out, wandb=cfg.wandb, config=to_dict(cfg)) if dist.is_main else NullLogger()
 
     def window(rng) -> list[int] | None:
         """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
@@ -457,21 +479,12 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         return list(range(j0, j0 + cfg.sde_window))
 
     def save(name: str, step: int) -> Path:
-        if ema is not None:  # save the EMA weights, then put the live ones back
-            live = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, e in zip(params, ema):
-                    p.copy_(e)
         meta = {"trainer": "grpo", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.samples_per_step, "recipe": to_dict(cfg)}
-        with atomic_dir(out / name) as tmp:
-            save_grpo_checkpoint(backend, tmp, cfg, meta)
-        path = out / name
-        if ema is not None:
-            with torch.no_grad():
-                for p, v in zip(params, live):
-                    p.copy_(v)
-        return path
+        with ema.applied() if ema is not None else nullcontext():  # the EMA weights, then the live ones back
+            with atomic_dir(out / name) as tmp:
+                save_grpo_checkpoint(backend, tmp, cfg, meta)
+        return out / name
 
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, initial=start,
                total=cfg.steps, disable=not dist.is_main)
@@ -480,7 +493,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
         #    processes every one draws the same P prompts and rolls out its groups (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group,
+        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group,
                                     window=lambda: window(rng), shared_noise=cfg.shared_noise)
         t_roll = time.time() - t_step
 
@@ -494,7 +507,8 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             continue
 
         # 3. advantages: per-prompt groups, std over the batch (or the group), clipped
-        adv_all = group_advantages(rewards, group_ids, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
+        groups = advantage_groups(cfg.adv_groups, group_ids, dist.gather_list(ro.prompts))
+        adv_all = group_advantages(rewards, groups, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
         adv = dist.local(adv_all)  # this process's samples
 
         # 4. update: the objective's loss, accumulated over micro-batches (the rollout's chunks)
@@ -508,7 +522,8 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             batch_loss = grpo_batch(backend, ro, adv, cfg, kls, device)
         stats, n_opt, loss_ok = [], 0, True
         for _ in range(cfg.inner_epochs):
-            train_steps = sorted(rng.sample(steps_all, n_train)) if cfg.objective == "grpo" else None
+            train_steps = None if cfg.objective != "grpo" else (
+                steps_all[:n_train] if cfg.step_selection == "first" else sorted(rng.sample(steps_all, n_train)))
             if cfg.objective == "grpo":  # the rollout's chunks (exact log-prob recomputation), shuffled
                 chunks = ro.chunks()
             else:  # nft: micro-batches of samples drawn across the whole batch
@@ -527,16 +542,15 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
                         opt.step()
                         n_opt += 1
                         if ema is not None:
-                            with torch.no_grad():
-                                for e, p in zip(ema, params):
-                                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+                            ema.update()
                         fault_point("update", step)
                     opt.zero_grad(set_to_none=True)
                     loss_ok = True
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
         stats, kls, all_tasks = dist.gather_list(stats), dist.gather_list(kls), dist.gather_list(ro.tasks)
-        rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}
+        rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+               **group_reward_stats(rewards, groups)}
         for t in dict.fromkeys(all_tasks):
             r_t = rewards[[i for i, s in enumerate(all_tasks) if s == t]]
             rec[f"reward/{t}"] = r_t.mean().item()
@@ -560,7 +574,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         })
         stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
         if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())
+            rec.update(evaluate())  # the EMA weights when there is one
         if step % cfg.log_every == 0 or step == 1:
             logger.log(step, rec)
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))

@@ -9,21 +9,28 @@ Stage 2 of the method (DESIGN.md sections 1-2). Everything lives on ONE frozen b
     LoRA on the same base, loaded as is; a dense cold start (a teacher was a full fine-tune) is
     fit by a truncated SVD at rank `student_rank` (an approximation; logged);
   - the MAR anchor is the base with adapters off (`anchor: base`), any teacher (`anchor:
-    quality`), or a frozen copy of the student's initial adapter (`anchor: init`).
+    quality`), a frozen copy of the student's initial adapter (`anchor: init`), or any other LoRA
+    (`anchor: lora` + `anchor_lora: PATH`, the authors' `mar_lora`: a frozen adapter with no reward
+    that the merge leaves out).
 
 The loop, top to bottom (each iteration of `train_opd`):
-  1. rollout: prompts of every task in one mixed batch, SDE trajectories from the student
+  1. rollout: prompts of every task in one mixed batch (or one task per iteration, in turns:
+     `task_schedule: alternate`, as the authors' training_mode), SDE trajectories from the student
      (flowopd.rollout; CFG as configured), every state kept;
-  2. reward: decode the final states and score them with the teachers' task rewards: logged
-     (never trained on) and, for `routing: reward|soft`, used to route (flowopd.routing);
+  2. reward: decode the final states and score them with the teachers' task rewards: logged,
+     for `routing: reward|soft` used to route (flowopd.routing), and for the authors' `mixed`,
+     `task_only` and `drop_zero_adv` turned into per-prompt group advantages (beyond that mask,
+     the direct, pg and kl_only rules never train on them);
   3. route: W (B, K), each sample's weights over the K teachers (task tag by default);
-  4. update: for a random subset of the steps (timestep_fraction) and every micro-batch, the
+  4. update: for a subset of the steps (timestep_fraction; random, or the first ones with
+     `step_selection: first`) and every micro-batch, the
      routed teachers compute their transition means at the student's own states, batched per
      teacher (TeacherBank.means), and the student minimises
        direct:  mean_k KL(student_k || teacher_k)     (closed form, gradient through its mean)
        pg:      the clipped-ratio loss of GRPO with the per-step advantage
                 A_k = -(log pi_s(x_k+1 | x_k) - log pi_t(x_k+1 | x_k)), detached (see below)
-     plus MAR  beta * KL(student_k || anchor_k) on every sample (a direct term in both rules);
+       kl_only, mixed, task_only: the Flow-OPD authors' objectives (see below)
+     plus MAR  beta * KL(student_k || anchor_k) on every sample (a direct term in every rule);
      the steps are drawn once per rollout and teacher / anchor means are computed once and reused
      by every inner epoch (they depend on the stored states only);
   5. log per task (KL to its teacher, MAR KL, rewards, routing shares) to JSONL (+ tensorboard
@@ -35,6 +42,27 @@ the same --out resumes from the newest intact one, bit for bit on the CPU (the c
 out/coldstart is reused). A NaN/Inf loss or gradient skips that optimizer step (logged);
 `max_bad_steps` in a row stop the run with a state of the last good weights. Rewards are only
 logged (and NaN where a reward cannot read a sample), so they are not checked.
+
+The Flow-OPD authors' objectives (CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py, their
+`train.reward_mode`; losses.reward_mode_loss), beside ours:
+  - kl_only (configs/sd35m_opd.yaml): A_k = clamp(kl_scale * norm(KL_k), +-adv_clip) with KL_k the
+    flow_grpo-normalised per-step KL to the teacher, in GRPO's clipped-ratio loss. The authors do
+    not detach A_k, so the gradient is kl_scale * grad KL_k * ratio (for kl_scale = -1 and ratio ~ 1
+    our `direct` rule) plus the score-function term A_k grad ratio (noise of zero mean at ratio 1);
+    `direct` is that objective without the noise.
+  - mixed: A_k = clamp(clamp(norm(A_task)) + kl_scale * norm(KL_k)), the task reward's group
+    advantage (per prompt, batch std) plus the KL term; task_only: A = clamp(A_task), Flow-GRPO
+    with the task reward (teachers are then unused).
+  - kl_norm: none | per_sample | per_timestep | global; the three z-scores are the same computation
+    in their code (over the micro-batch's values at one step), and so here.
+  - drop_zero_adv: samples whose task advantage is 0 (every sample of the prompt got the same
+    reward) leave the update, as the authors' mask (in every mode, kl_only too). Departure: they
+    re-add random dropped samples to fill equal micro-batches; we average over the kept samples of
+    each micro-batch (MAR too).
+  - Their loss multiplies a (B, 1) advantage by a (B,) ratio, so mean(max(...)) runs over all B x B
+    pairs: mean_i(-A_i) * mean_j(max(r_j, clip(r_j))) for kl_only. We pair each sample's advantage
+    with its own ratio; at the first update (ratio 1) the two agree, and the test of sd35m_opd.yaml
+    checks that loss against their formula.
 
 Departures from the paper / DESIGN.md (and why):
   - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
@@ -55,7 +83,8 @@ Departures from the paper / DESIGN.md (and why):
     (FD 1.65); with stand-in teachers (12 iterations, beta 0, `kl` weighting) direct 0.62/0.98/0.95
     (FD 0.93), pg `centered` 0.60/0.93/0.93 (FD 1.26), pg `sample` diverged (per-step KL to the
     teachers 0.016 -> 3.2, blank images).
-  - Step weighting (`step_weighting: velocity`, default). The exact per-step KL of the SDE is
+  - Step weighting (`step_weighting: velocity`, the default; configs/sd35m_opd.yaml sets `kl`, the
+    authors' plain per-step KL). The exact per-step KL of the SDE is
     c_k * mean (v_s - v_t)^2 with c_k from ~0.013 (sigma = 1) to ~1.6 (last step) on a 10-step
     grid: the high-noise steps that lay out the image barely count, and Adam's lr-sized steps then
     drift there unchecked. We divide each step's KL by c_k (weights normalised to mean 1), so every
@@ -72,7 +101,7 @@ Departures from the paper / DESIGN.md (and why):
     (`anchor: quality`): once the teachers kept their fidelity (windowed GRPO with a KL), the
     base (FD 0.89) was a worse anchor than the students themselves (anchor base FD 0.83, beta 0
     0.82, anchor quality 0.74; whole test split, merge init).
-  - One mixed batch holds every task; in the toy world compose and quality prompts are the same
+  - One mixed batch holds every task (task_schedule: mixed, the toy default); in the toy world compose and quality prompts are the same
     sentences with different tags, so under task routing the student sees both teachers' targets
     for one prompt and learns their average there (reward/soft routing choose per sample instead).
 
@@ -98,12 +127,14 @@ import yaml
 from tqdm import tqdm
 
 from .checkpointing import RunState, identity, prepare_out
-from .common import EMA, Evaluator, ModelKeys, lora_init_value, rollout_batch, score_tasks, start_run
+from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, resolve_backend_keys, rollout_batch,
+                     schedule_counts, score_tasks, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir, fault_point
 from ..flow import step_kl
-from ..losses import grpo_loss, mar_loss, opd_direct_loss, opd_pg_advantages
+from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_stats, grpo_loss, mar_loss,
+                      opd_direct_loss, opd_pg_advantages, reward_mode_loss, zero_std_groups)
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
 from ..rollout import Rollout, transition
 from ..world.prompts import TASKS
@@ -112,6 +143,8 @@ from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, att
                         save_lora_checkpoint, svd_lora)
 
 STUDENT = "student"
+ANCHOR = "anchor"  # the adapter name of anchor: lora
+RULES = ("direct", "pg", *REWARD_MODES)
 
 
 @dataclass
@@ -120,27 +153,41 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     base: str = "base"               # the frozen base every teacher, the student and the anchor share
     teachers: dict = field(default_factory=dict)  # task -> teacher checkpoint (a GRPO run's --out or its final/)
     init: str = "merge"              # cold start: "merge" | "sft" (run now, into out/coldstart) | "none" | a checkpoint dir
+    merge: str = "delta_average"     # init merge: "delta_average" (the exact mean of the teachers' deltas) | "factor_average"
+                                     # (sd3: the authors' scripts/merge.py, mean of the A and B factors at the common rank)
     coldstart: dict = field(default_factory=dict)  # ColdStartConfig overrides for init merge|sft
     student_rank: int = 24           # LoRA rank of the student when init is "none" or a dense checkpoint
     lora_alpha: float = 0.0          # its LoRA alpha (0: = student_rank)
     # prompts
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal)
+    task_shares: dict = field(default_factory=dict)   # task -> share of each batch (default equal); alternate: turns
+    task_schedule: str = "mixed"     # "mixed": every batch holds every task | "alternate": one task per iteration, in turns
+                                     # of task_shares iterations (the Flow-OPD authors' training_mode = "alternate")
     task_rewards: dict = field(default_factory=dict)  # task -> reward name (default: the task's own)
     # routing
     routing: str = "task"            # "task" | "reward" | "soft"
     reward_scale: str = "zscore"     # "zscore" | "rank" | "raw" (reward and soft routing)
     soft_temperature: float = 0.5
     # update rule
-    rule: str = "direct"             # "direct" | "pg"
+    rule: str = "direct"             # "direct" | "pg" | the Flow-OPD authors' reward modes "kl_only" | "mixed" |
+                                     # "task_only" (their train.reward_mode; see the module doc)
     pg_advantage: str = "centered"   # "centered" | "sample" | "closed_form" (see the module doc)
-    clip_range: float = 0.05         # pg: clipped ratio range
+    clip_range: float = 0.05         # pg and the authors' modes: clipped ratio range
+    kl_scale: float = -1.0           # authors' modes: A_kl = kl_scale * KL (their train.kl_scale)
+    kl_norm: str = "none"            # authors' modes: "none" | "per_sample" | "per_timestep" | "global" (their train.kl_norm;
+                                     # the three z-score the micro-batch's values at one step alike)
+    adv_clip: float = 5.0            # authors' modes: advantages clamped to +-adv_clip (their train.adv_clip_max)
+    drop_zero_adv: bool = False      # drop samples whose task advantage is 0 from the update (their sample mask)
+    step_selection: str = "random"   # the trained steps of a rollout: "random" (a random subset) | "first" (the first
+                                     # round(timestep_fraction * N) in order, as Flow-GRPO and the authors' code)
     kl_normalization: str = "exact"  # "exact" | "flow_grpo" (flow.step_kl)
     step_weighting: str = "velocity" # "velocity": each step's KL divided by its KL per unit of velocity
                                      # error (every step counts alike; see step_weights) | "kl": as they are
     # MAR
     beta: float = 0.1                # weight of KL(student || anchor); 0: off
-    anchor: str = "base"             # "base" (adapters off) | "init" (the cold start, frozen) | a teacher's task
+    anchor: str = "base"             # "base" (adapters off) | "init" (the cold start, frozen) | a teacher's task |
+                                     # "lora": the LoRA at anchor_lora (the authors' train.mar_lora)
+    anchor_lora: str = ""            # anchor "lora": any LoRA (a quality teacher, say): no reward, not merged
     log_anchor_kl: bool = True       # compute (and log) the anchor KL even when beta = 0
     # rollouts
     steps: int = 30                  # OPD iterations (rollout + update)
@@ -149,7 +196,7 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     sample_steps: int = 10           # SDE steps of a rollout
     cfg: float | None = None         # CFG scale of rollouts and training, teachers' too (None: the base's own)
     noise_level: float = 0.7
-    shift: float = 1.0
+    shift: float | None = None       # time shift of the sigma grid (None: the back end's: the checkpoint's / scheduler's)
     sampler: str = "sde"             # "sde" | "cps"
     micro_batch: int = 12            # samples per forward (rollout chunks = training micro-batches)
     timestep_fraction: float = 0.3   # share of the steps trained per rollout (drawn once per rollout)
@@ -179,28 +226,36 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
         for t, s in self.task_shares.items():
             require(t in self.tasks, f"task_shares names {t!r}, which is not in tasks {self.tasks}")
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
+        check_schedule(self)
         require(self.routing in ROUTING_MODES, f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.routing == "task":
             for t in self.tasks:
                 require(t in self.teachers, f"routing 'task' needs a teacher for task {t!r} (teachers: {sorted(self.teachers)})")
         require(self.reward_scale in REWARD_SCALES, f"reward_scale must be one of {REWARD_SCALES}")
         require(self.soft_temperature > 0, "soft_temperature must be > 0")
-        require(self.rule in ("direct", "pg"), f"rule must be 'direct' or 'pg', got {self.rule!r}")
+        require(self.rule in RULES, f"rule must be one of {RULES}, got {self.rule!r}")
+        require(self.kl_norm in KL_NORMS, f"kl_norm must be one of {KL_NORMS}, got {self.kl_norm!r}")
+        require(self.kl_norm == "none" or self.micro_batch >= 2, "kl_norm needs micro_batch >= 2 (a std over it)")
+        require(self.adv_clip > 0, "adv_clip must be > 0")
+        require(self.step_selection in ("random", "first"), "step_selection must be 'random' or 'first'")
+        require((self.anchor == "lora") == bool(self.anchor_lora), "anchor 'lora' and anchor_lora go together")
         require(self.pg_advantage in ("sample", "centered", "closed_form"),
                 f"pg_advantage must be sample, centered or closed_form, got {self.pg_advantage!r}")
         require(self.clip_range > 0, "clip_range must be > 0")
         require(self.kl_normalization in ("exact", "flow_grpo"), "kl_normalization must be 'exact' or 'flow_grpo'")
         require(self.step_weighting in ("kl", "velocity"), "step_weighting must be 'kl' or 'velocity'")
         require(self.beta >= 0, "beta must be >= 0")
-        require(self.anchor in ("base", "init") or self.anchor in self.teachers,
-                f"anchor must be 'base', 'init' or a teacher's task ({sorted(self.teachers)}), got {self.anchor!r}")
+        require(self.anchor in ("base", "init", "lora") or self.anchor in self.teachers,
+                f"anchor must be 'base', 'init', 'lora' or a teacher's task ({sorted(self.teachers)}), got {self.anchor!r}")
         require(not (self.anchor == "init" and self.init == "none"), "anchor 'init' needs a cold start (init)")
         require(self.student_rank >= 1, "student_rank must be >= 1")
+        require(self.merge in ("delta_average", "factor_average"), "merge must be delta_average or factor_average")
+        require(self.merge == "delta_average" or self.backend == "sd3", "merge: factor_average is built for backend sd3")
         require(self.steps >= 1, "steps must be >= 1")
         require(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
         require(self.group_size >= 1, "group_size must be >= 1")
         require(self.sample_steps >= 1, "sample_steps must be >= 1")
-        require((self.cfg is None or self.cfg >= 0) and self.noise_level > 0 and self.shift > 0,
+        require((self.cfg is None or self.cfg >= 0) and self.noise_level > 0 and (self.shift is None or self.shift > 0),
                 "cfg >= 0, noise_level > 0, shift > 0")
         require(self.num_threads >= 0, "num_threads must be >= 0")
         require(self.sampler in ("sde", "cps"), f"sampler must be 'sde' or 'cps', got {self.sampler!r}")
@@ -272,14 +327,23 @@ def step_weights(sigmas, steps: list[int], noise_level: float, method: str = "sd
 
 def opd_step_loss(rule: str, mean_s, log_prob_s, old_log_prob, x_next, target, step_std, dt, *,
                   pg_advantage: str = "sample", clip_range: float = 0.05, normalization: str = "exact",
-                  weight: float = 1.0):
+                  weight: float = 1.0, task_adv=None, keep=None, kl_scale: float = -1.0, kl_norm: str = "none",
+                  adv_clip: float = 5.0):
     """The distillation loss of one step for a micro-batch. -> (loss, kl (b,) detached, stats).
+
+    kl_only | mixed | task_only: the Flow-OPD authors' modes (losses.reward_mode_loss), with the
+    step's KL undetached, task_adv (b,) the task reward's advantages, keep (b,) the samples kept;
+    the loss is multiplied by `weight`.
 
     direct: mean_b KL(student || target) (flow.step_kl), gradient through the student mean.
     pg:     grpo_loss(log_prob_s, old_log_prob, A) with A = -D * (sampled log-ratio) ("sample"),
             -D * (sampled log-ratio - KL) ("centered") or -D * KL ("closed_form"), detached; D = the
             number of dimensions (log-ratio and KL here are per dimension, A is the full log-ratio)."""
     kl = step_kl(mean_s, target.detach(), step_std, dt=dt, normalization=normalization)  # (b,)
+    if rule in REWARD_MODES:
+        loss, st = reward_mode_loss(rule, kl, log_prob_s, old_log_prob, task_adv, kl_scale=kl_scale, kl_norm=kl_norm,
+                                    adv_clip=adv_clip, clip_range=clip_range, keep=keep)
+        return weight * loss, kl.detach(), st
     if rule == "direct":
         return weight * opd_direct_loss(mean_s, target, step_std, dt=dt, normalization=normalization), kl.detach(), {}
     est = sampled_log_ratio(x_next, mean_s.detach(), target.detach(), step_std, dt, normalization)  # (b,)
@@ -324,6 +388,8 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
         cs = resolve_teacher_dir(cfg.init)
     for name in names:  # teachers first; the student is made active last
         bank.add(name, teachers[name])
+    if cfg.anchor == "lora":  # a MAR anchor that is neither a teacher nor merged
+        bank.add(ANCHOR, read_teacher(cfg.anchor_lora, cfg.base, name=None))
     if cs is None:
         backend.add_adapter(STUDENT, rank=cfg.student_rank, alpha=cfg.lora_alpha or cfg.student_rank,
                             targets=list(cfg.lora_targets) or None, init=lora_init_value(cfg.lora_init, backend))
@@ -384,6 +450,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
 
     backend, bank, names, params, info = setup_models(cfg, out, dist, teachers, overwrite)
+    cfg = resolve_backend_keys(cfg, backend)  # shift, eval_steps: the back end's when unset
     dist.broadcast_parameters(params)
     guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     scaler = RewardScaler(len(names), cfg.reward_scale)
@@ -394,8 +461,9 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
-                          cfg.micro_batch) if cfg.eval_every else None)
-    anchor = None if cfg.anchor == "base" else cfg.anchor
+                          cfg.micro_batch, ema) if cfg.eval_every else None)
+    anchor = {"base": None, "lora": ANCHOR}.get(cfg.anchor, cfg.anchor)
+    task_signal = cfg.rule in ("mixed", "task_only") or cfg.drop_zero_adv  # the task reward is trained on
     use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
     student = {n: p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
     run = RunState(out, student, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps,
@@ -405,7 +473,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     start = run.resume()  # the newest intact state in out/state, if any
     if dist.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = run.logger = RunLogger(out) if dist.is_main else NullLogger()
+    logger = run.logger = RunLogger(out, wandb=cfg.wandb, config=to_dict(cfg)) if dist.is_main else NullLogger()
     logger.log(start, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
                    "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
 
@@ -429,10 +497,10 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         t_step = time.time()
         # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
         #    several processes every one draws the same prompts and rolls out its share (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, counts, dist, cfg, step, gen, guidance, per_group)
+        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group)
         t_roll = time.time() - t_step
 
-        # 2. reward: every teacher task's reward on the samples it can read (logged, not trained on),
+        # 2. reward: every teacher task's reward on the samples it can read (logged; task advantages below),
         #    gathered over the processes
         images = backend.decode(ro.final)
         rewards = score_tasks(reward_fns, images, ro.prompts, ro.tasks, ro.metadata, names)  # (b, K), NaN: unread
@@ -442,6 +510,17 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         scaled = scaler(rewards_all) if cfg.routing != "task" else None
         W_all = route(cfg.routing, all_tasks, names, scaled, cfg.soft_temperature)  # (B, K)
         W = dist.local(W_all)  # (b, K)
+        task_adv = keep = None
+        if task_signal:  # the authors' task advantages: each sample's own task reward, per prompt, batch std
+            own = rewards_all[torch.arange(len(all_tasks)), torch.tensor([names.index(t) for t in all_tasks])]
+            if not run.finite(step, "reward", own):  # a NaN/Inf reward: no update this iteration (logged)
+                run.step_done(step)
+                continue
+            prompts_all = dist.gather_list(ro.prompts)
+            task_adv_all = group_advantages(own, prompts_all, std_scope="batch", clip=None)  # (B,)
+            task_adv = dist.local(task_adv_all).to(device)
+            keep = (~zero_std_groups(own, prompts_all)).to(device) if cfg.drop_zero_adv else None
+            keep = None if keep is None else dist.local(keep)
 
         # 4. update: per-step KL to the routed teachers (+ MAR) on a subset of the steps
         steps_all = ro.trainable_steps()
@@ -453,7 +532,8 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
         stats, n_opt, gnorm, loss_ok = [], 0, 0.0, True
         chunks = ro.chunks()
-        train_steps = sorted(rng.sample(steps_all, n_train))  # the same steps in every inner epoch
+        train_steps = (steps_all[:n_train] if cfg.step_selection == "first"  # the same steps in every inner epoch
+                       else sorted(rng.sample(steps_all, n_train)))
         for _ in range(cfg.inner_epochs):
             order = torch.randperm(len(chunks), generator=gen).tolist()
             opt.zero_grad(set_to_none=True)
@@ -476,16 +556,21 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                     loss, kl, st = opd_step_loss(cfg.rule, tr.mean, tr.log_prob, ro.log_probs[idx, j].to(device),
                                                  tr.sample, target, tr.std, dt, pg_advantage=cfg.pg_advantage,
                                                  clip_range=cfg.clip_range, normalization=cfg.kl_normalization,
-                                                 weight=w_step[j])
+                                                 weight=w_step[j], task_adv=None if task_adv is None else task_adv[idx],
+                                                 keep=None if keep is None else keep[idx], kl_scale=cfg.kl_scale,
+                                                 kl_norm=cfg.kl_norm, adv_clip=cfg.adv_clip)
                     kl_sum[idx] += kl.cpu()
                     kl_n[idx] += 1
                     if anc is not None:
                         mar_kl = step_kl(tr.mean.detach(), anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
                         mar_sum[idx] += mar_kl.cpu()
                         mar_n[idx] += 1
-                        if cfg.beta > 0:
+                        if cfg.beta > 0 and keep is None:
                             loss = loss + w_step[j] * mar_loss(tr.mean, anc, tr.std, cfg.beta, dt=dt,
                                                                normalization=cfg.kl_normalization)
+                        elif cfg.beta > 0 and bool(keep[idx].any()):  # MAR on the kept samples only
+                            mar = step_kl(tr.mean, anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
+                            loss = loss + w_step[j] * cfg.beta * mar[keep[idx]].mean()
                     (loss / (len(train_steps) * n_in_group)).backward()
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
                     loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
@@ -506,9 +591,15 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         stats, ro_tasks, rewards, W = dist.gather_list(stats), all_tasks, rewards_all, W_all
         kl_sum, kl_n, mar_sum, mar_n = (dist.gather(x) for x in (kl_sum, kl_n, mar_sum, mar_n))
         rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": gnorm, "opt_steps": n_opt}
-        if cfg.rule == "pg":
+        if cfg.rule != "direct":
             for key in ("clip_frac", "ratio_mean", "approx_kl"):
-                rec[key] = sum(s[key] for s in stats) / len(stats)
+                got = [s[key] for s in stats if key in s]
+                rec[key] = sum(got) / max(1, len(got))
+        if task_signal:
+            rec.update(group_reward_stats(own, prompts_all))
+            rec["task_adv_abs"] = task_adv_all.abs().mean().item()
+            if cfg.drop_zero_adv:
+                rec["kept"] = (~zero_std_groups(own, prompts_all)).float().mean().item()
         kl_i, mar_i = kl_sum / kl_n.clamp_min(1), mar_sum / mar_n.clamp_min(1)
         rec["kl_teacher"] = kl_i.mean().item()
         if mar_n.sum() > 0:
@@ -531,7 +622,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                     "min": round((time.time() - t0) / 60, 2)})
         stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
         if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())
+            rec.update(evaluate())  # the EMA weights when there is one
         if step % cfg.log_every == 0 or step == 1:
             logger.log(step, rec)
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")

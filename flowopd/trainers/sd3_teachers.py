@@ -13,9 +13,15 @@ The OPD student starts from (`init`):
     factors concatenated along the rank axis (flowopd.trainers.coldstart.concat_loras; the same
     algebra as the toy merge), weights from coldstart.weights (default: the mean); it is written to
     OUT/coldstart as a checkpoint;
+  - sft: a fresh student LoRA fit by flow matching to the teachers' best samples (sft_coldstart):
+    each teacher samples `coldstart.sft_candidates` ODE images for each of
+    `coldstart.sft_prompts_per_task` training prompts of its task, its task's reward keeps the best
+    latent of each prompt, and the student regresses the velocity noise - x0 on those latents at
+    time-shifted logit-normal noise levels, with prompt dropout for CFG; written to OUT/coldstart
+    (reused when OUT/coldstart is there: a resumed run does not redo it);
   - none: a fresh LoRA (student_rank, lora_alpha, lora_init, lora_targets);
   - a LoRA path (any of the forms above), e.g. an earlier cold start, trained from there.
-`sft` is the toy world's only (not built for SD3).
+The MAR anchor of `anchor: lora` (anchor_lora) is one more frozen adapter, `anchor`.
 """
 from __future__ import annotations
 
@@ -89,12 +95,31 @@ def attach_factors(backend, name: str, lora: dict, rank: int, alpha: float, targ
         raise ConfigError(f"adapter {name!r} does not fit the transformer: unexpected {bad[:2]}, missing {missing[:2]}")
 
 
-def merge_teachers(backend, names: list[str], weights: list[float] | None = None):
-    """Exact LoRA of sum_i w_i delta_i over the teacher adapters `names` -> (lora, rank, alpha, targets)."""
+def factor_average(loras: list[dict], weights: list[float]) -> dict:
+    """The Flow-OPD authors' merge (CostaliyA/Flow-OPD scripts/merge.py, merge_mode "average" /
+    "weighted"): each factor averaged on its own, A = sum_i w_i A_i, B = sum_i w_i B_i, at the
+    teachers' common rank. Its delta B @ A = sum_ij w_i w_j B_i A_j is not the mean of the deltas
+    sum_i w_i B_i A_i (cross terms; each own term shrinks by w_i). {module: (A, B)}."""
+    mods = set(loras[0])
+    if any(set(lo) != mods for lo in loras[1:]):
+        raise ConfigError("merge: factor_average needs teachers adapting the same modules")
+    return {m: (sum(w * lo[m][0] for lo, w in zip(loras, weights)), sum(w * lo[m][1] for lo, w in zip(loras, weights)))
+            for m in sorted(mods)}
+
+
+def merge_teachers(backend, names: list[str], weights: list[float] | None = None, mode: str = "delta_average"):
+    """LoRA of the merged teacher adapters `names` -> (lora, rank, alpha, targets).
+    delta_average: the exact sum_i w_i delta_i as one LoRA of rank sum(r_i) (factors concatenated);
+    factor_average: the authors' average of the A and B factors (factor_average), same rank and alpha."""
     w = list(weights or [1.0 / len(names)] * len(names))
     if len(w) != len(names):
         raise ConfigError(f"coldstart.weights has {len(w)} values for {len(names)} teachers")
     parts = [lora_factors(backend, n) for n in names]
+    if mode == "factor_average":
+        if len({(p[1], p[2]) for p in parts}) != 1:
+            raise ConfigError("merge: factor_average needs teachers of one rank and alpha, got "
+                              f"{[(n, p[1], p[2]) for n, p in zip(names, parts)]}")
+        return factor_average([p[0] for p in parts], w), parts[0][1], parts[0][2], parts[0][3]
     lora = concat_loras([p[0] for p in parts], [p[2] / p[1] for p in parts], w)
     rank = sum(p[1] for p in parts)
     targets = sorted(set().union(*[p[3] for p in parts]))
@@ -114,18 +139,30 @@ def setup_sd3_opd(cfg, out: Path, dist, student: str):
     for n in names:  # frozen teachers
         backend.load_lora(n, resolve_lora(cfg.teachers[n], cfg.model))
         bank.kind[n] = "lora"
+    if cfg.anchor == "lora":  # the MAR anchor (the authors' train.mar_lora): frozen, no reward, not merged
+        backend.load_lora("anchor", resolve_lora(cfg.anchor_lora, cfg.model))
+        bank.kind["anchor"] = "lora"
     info = {"init": cfg.init}
     if cfg.init == "sft":
-        raise ConfigError("init: sft is built for the toy world only; with backend sd3 use merge, none or a LoRA path")
-    if cfg.init == "merge":
-        lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"))
+        done = out / "coldstart" / "config.json"
+        if done.is_file():  # a resumed run: the cold start is there
+            backend.load_lora(student, resolve_lora(out / "coldstart", cfg.model), trainable=True)
+            info["sft"] = json.loads(done.read_text()).get("meta", {}).get("data")
+        else:
+            info["sft"] = sft_coldstart(cfg, backend, bank, names, student, out, dist)
+        if cfg.anchor == "init":
+            backend.load_lora("init", resolve_lora(out / "coldstart", cfg.model))
+        info["coldstart"] = str(out / "coldstart")
+    elif cfg.init == "merge":
+        lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"), cfg.merge)
         if cfg.anchor == "init":
             attach_factors(backend, "init", lora, rank, alpha, targets, trainable=False)
         attach_factors(backend, student, lora, rank, alpha, targets, trainable=True)
         info["coldstart"] = str(out / "coldstart")
         info["student_rank"] = rank
         backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
-                                meta={"trainer": "coldstart", "method": "merge", "teachers": dict(cfg.teachers),
+                                meta={"trainer": "coldstart", "method": "merge", "merge": cfg.merge,
+                                      "teachers": dict(cfg.teachers),
                                       "weights": cfg.coldstart.get("weights") or "mean"})
     elif cfg.init == "none":
         backend.add_adapter(student, rank=cfg.student_rank, alpha=cfg.lora_alpha or cfg.student_rank,
@@ -146,6 +183,90 @@ def setup_sd3_opd(cfg, out: Path, dist, student: str):
     return backend, bank, names, params, info
 
 
+def sft_coldstart(cfg, backend, bank, names: list[str], student: str, out: Path, dist) -> dict:
+    """The SFT cold start on SD3 (module doc): data from the teachers, then the student LoRA's
+    flow-matching fine-tune; saved to out/coldstart (rank 0). Every process computes it (the
+    trainer broadcasts rank 0's student afterwards). -> per-task data stats."""
+    import math
+    import random
+
+    import torch
+
+    from ..config import build
+    from ..flow import interpolate, ode_sample, sigma_grid
+    from ..losses import flow_matching_loss, logit_normal_sigmas
+    from ..prompt_sources import PromptSources
+    from ..rewards import get_reward
+    from ..sampling import guided_velocity
+    from .coldstart import ColdStartConfig
+    from .common import lora_init_value
+
+    cs = build(ColdStartConfig, {"seed": cfg.seed, **cfg.coldstart, "base": cfg.base, "device": cfg.device})
+    shift = float(backend.sampling.get("shift", 3.0) if cfg.shift is None else cfg.shift)
+    guidance = float(cs.sft_cfg or (backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg))
+    sources, rng = PromptSources(cfg.tasks, cfg.prompts), random.Random(cs.seed)
+    gen = torch.Generator().manual_seed(cs.seed)
+    sigmas = sigma_grid(cs.sft_sample_steps, shift)
+    G, mb = cs.sft_candidates, max(1, cfg.micro_batch)
+    x0s, prompts, stats = [], [], {}
+    # 1. data: each teacher's best-of-G ODE sample (by its task's reward) of its task's training prompts
+    for t in names:
+        reward = get_reward(cfg.task_rewards.get(t, t))
+        ps, _, meta = sources.draw_batch(rng, {t: cs.sft_prompts_per_task})
+        cand = [(p, m) for p, m in zip(ps, meta) for _ in range(G)]
+        finals, r = [], []
+        for i in range(0, len(cand), mb):
+            cp = [p for p, _ in cand[i:i + mb]]
+            noise = torch.randn(len(cp), *backend.latent_shape(), generator=gen).to(backend.device)
+            cond = backend.encode_prompts(cp)
+            uncond = backend.encode_prompts([None] * len(cp)) if guidance != 1.0 else None
+            with torch.no_grad(), bank.use(t):
+                x = ode_sample(guided_velocity(backend, cond, uncond, guidance), noise, sigmas)
+            finals.append(x.float().cpu())
+            r.append(reward(backend.decode(x), cp, [dict(m, task=t) for _, m in cand[i:i + mb]]).float().cpu())
+        r = torch.cat(r).view(len(ps), G)  # (n, G)
+        best = torch.arange(len(ps)) * G + r.argmax(1)
+        x0s.append(torch.cat(finals)[best])
+        prompts += ps
+        stats[t] = {"reward_mean": float(r.mean()), "reward_best": float(r.max(1).values.mean())}
+    x_all = torch.cat(x0s)  # (n, C, H, W) latents
+    # 2. the student LoRA, fit by flow matching at time-shifted logit-normal noise levels
+    rank = int(cfg.coldstart.get("sft_rank", cfg.student_rank))
+    backend.add_adapter(student, rank=rank, alpha=cfg.lora_alpha or rank, targets=list(cfg.lora_targets) or None,
+                        init=lora_init_value(cfg.lora_init, backend), trainable=True)
+    backend.set_adapter(student)
+    params = backend.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cs.sft_lr, weight_decay=0.0)
+
+    def fm_loss(idx, drop, g):
+        x0 = x_all[idx].to(backend.device)
+        u = logit_normal_sigmas(len(idx), generator=g)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(backend.device)  # (B,) on the sampling grid's shift
+        noise = torch.randn(x0.shape, generator=g).to(backend.device)
+        cond = backend.encode_prompts([None if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())])
+        return flow_matching_loss(backend.velocity(interpolate(x0, noise, sigma), sigma, cond), x0, noise)
+
+    def held_fixed() -> float:  # the loss on every sample at fixed noise levels and noises (before / after)
+        with torch.no_grad():
+            return float(fm_loss(torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool),
+                                 torch.Generator().manual_seed(cs.seed + 1)))
+
+    stats["sft_fm_before"] = held_fixed()
+    for _ in range(cs.sft_steps):
+        idx = torch.randint(0, len(prompts), (cs.sft_batch,), generator=gen)
+        loss = fm_loss(idx, torch.rand(cs.sft_batch, generator=gen) < cs.sft_p_uncond, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if math.isfinite(loss.item()):
+            opt.step()
+    stats["sft_fm_after"] = held_fixed()
+    backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
+                            meta={"trainer": "coldstart", "method": "sft", "teachers": dict(cfg.teachers),
+                                  "data": stats, "recipe": dict(cfg.coldstart)})
+    return stats
+
+
 def setup_sd3_grpo(cfg, dist):
     """GRPO on SD3: the base with the trained adapter cfg.name (fresh, or from the LoRA at cfg.init)."""
     from ..backends import make_backend
@@ -162,4 +283,4 @@ def setup_sd3_grpo(cfg, dist):
     return backend
 
 
-__all__ = ["attach_factors", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]
+__all__ = ["attach_factors", "factor_average", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]
