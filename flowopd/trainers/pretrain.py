@@ -5,7 +5,10 @@ The loop, top to bottom:
   1. draw a batch, drop prompts with probability p_uncond (for CFG)
   2. draw sigma from a logit-normal, interpolate x = (1-sigma) x0 + sigma noise
   3. regress the velocity noise - x0 (MSE), AdamW step, EMA update
-  4. log; save the EMA weights at the requested steps and at the end; every
+  4. log; save the EMA weights at the requested steps and at the end (debiased:
+     the EMA starts at the random initial weights, whose share decay**n after n
+     updates is removed, as Adam debiases its moments; without it a checkpoint
+     of the first few thousand steps draws visible noise); every
      `state_every` steps save the whole run state (flowopd.state), from which a
      rerun of the same command on the same --out resumes bit for bit (CPU)
 
@@ -106,6 +109,15 @@ def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1):
     return prompts, np.concatenate([im for _, im in parts])
 
 
+def debiased_ema(ema: dict, init: dict, decay: float, updates: int) -> dict:
+    """(ema - decay**n * init) / (1 - decay**n): the average of the trained weights alone, for an EMA
+    that started at `init` and took n = `updates` steps of ema <- decay * ema + (1 - decay) * w."""
+    c = decay ** updates
+    if updates < 1:
+        return dict(ema)
+    return {k: (v - c * init[k]) / (1 - c) for k, v in ema.items()}
+
+
 def _identity(cfg: PretrainConfig) -> dict:
     """The parts of the config that define the run (resuming needs them unchanged)."""
     d = to_dict(cfg)
@@ -140,6 +152,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
 
     model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -150,7 +163,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         meta = {"step": step, "seed": cfg.seed, "recipe": {k: v for k, v in vars(cfg).items()},
                 "minutes": round((time.time() - t0) / 60, 2), "device": str(device),
                 "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-        save_checkpoint(backend, out / name, meta)
+        save_checkpoint(backend, out / name, meta, debiased_ema(ema.state_dict(), init, cfg.ema_decay, ema_updates))
 
     def save_run_state(step: int):
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -160,9 +173,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         tensors.update(opt_t)
         tensors.update(rng_t)
         save_state(out / "state", step, tensors, {"opt": opt_rest, "rng": rng_js, "sched": sched.state_dict(),
-                                                   "loss_avg": loss_avg, "bad": bad}, keep=KEEP)
+                                                   "loss_avg": loss_avg, "bad": bad,
+                                                   "ema_updates": ema_updates}, keep=KEEP)
 
-    start, loss_avg, bad = 0, None, 0
+    start, loss_avg, bad, ema_updates = 0, None, 0, 0
     found = latest_state(out / "state", log=lambda m: print(m, file=sys.stderr))
     if found:
         start, tensors, meta = found
@@ -172,6 +186,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         sched.load_state_dict(meta["sched"])
         restore_rng(tensors, meta["rng"], {"data": gen})
         loss_avg, bad = meta["loss_avg"], meta["bad"]
+        ema_updates = meta.get("ema_updates", start)  # states written before the count was kept: no skipped steps
         print(f"resuming from step {start} ({out / 'state'})", file=sys.stderr)
 
     save_at = set(cfg.save_at)
@@ -214,6 +229,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - cfg.ema_decay)
+        ema_updates += 1
         # 4. log, save
         lv = loss.item() if step % 10 == 0 or step == 1 else None
         if lv is not None:
