@@ -220,13 +220,11 @@ class TeacherBank:
         self._dense: dict[str, dict[str, Tensor]] = {}
 
     def add(self, name: str, teacher) -> None:
-        from .trainers.coldstart import attach_lora
-
         if name in self.kind:
             raise KeyError(f"teacher {name!r} already added")
         if teacher.kind == "lora":
-            active = self.backend._peft.active_adapter if self.backend._peft is not None else None
-            attach_lora(self.backend, name, teacher.lora, teacher.rank, teacher.alpha, teacher.targets)
+            active = self.backend.active_adapter
+            self.backend.attach_lora(name, teacher.lora, teacher.rank, teacher.alpha, teacher.targets)
             if active is not None:
                 self.backend.set_adapter(active)
         else:
@@ -245,7 +243,7 @@ class TeacherBank:
                 yield
             return
         if name not in self.kind:
-            if self.backend._peft is not None and name in self.backend.adapters:
+            if name in self.backend.adapters:
                 with self.backend.adapter(name):  # any named adapter (e.g. the student's init)
                     yield
                 return

@@ -94,7 +94,6 @@ writes logs and checkpoints. Batch keys (prompts_per_step, grad_accum) are globa
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -111,6 +110,7 @@ from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_sched
                      rollout_batch, schedule_counts, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
+from ..lora import lora_from_state_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
 from ..flow import interpolate, step_kl
 from ..rewards import get_reward, per_task, weighted_sum
@@ -283,47 +283,16 @@ def task_counts(cfg: GRPOConfig) -> dict[str, int]:
     return counts
 
 
-def merged_state_dict(backend) -> dict:
-    """Full weights of the base with the active LoRA merged in (the backend is left untouched)."""
-    if getattr(backend, "_peft", None) is None:
-        return backend.model.state_dict()
-    merged = copy.deepcopy(backend._peft).merge_and_unload()
-    return merged.state_dict()
-
-
 def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Path:
-    """Write a checkpoint: merged full weights (+ the adapter alone for LoRA runs). SD3: the adapter
-    in diffusers' LoRA format with config.json naming the base (SD3Backend.save_checkpoint)."""
-    from safetensors.torch import save_file
-
-    if getattr(backend, "name", "tiny") == "sd3":
-        return backend.save_checkpoint(out, adapters=[cfg.name], meta=meta)
-
-    from ..backends import save_checkpoint
-
-    save_checkpoint(backend, out, meta, state_dict=merged_state_dict(backend))
-    if cfg.finetune == "lora":
-        from peft import get_peft_model_state_dict
-
-        sd = get_peft_model_state_dict(backend._peft, adapter_name=cfg.name)
-        (out / "adapters").mkdir(exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()},
-                  str(out / "adapters" / f"{cfg.name}.safetensors"))
-        conf = json.loads((out / "config.json").read_text())
-        lc = backend._peft.peft_config[cfg.name]
-        conf["adapters"] = {cfg.name: {
-            "file": f"adapters/{cfg.name}.safetensors", "rank": int(lc.r), "alpha": float(lc.lora_alpha),
-            "targets": sorted(lc.target_modules), "base": str(cfg.init),
-            "note": "a LoRA over `base`; model.safetensors already holds it merged"}}
-        (out / "config.json").write_text(json.dumps(conf, indent=2))
-    return out
+    """Write a checkpoint (Backend.save_checkpoint): tiny, merged full weights (+ the adapter alone
+    for LoRA runs); SD3, the adapter in diffusers' LoRA format with config.json naming the base."""
+    return backend.save_checkpoint(out, adapters=[cfg.name] if cfg.finetune == "lora" else [], meta=meta,
+                                   base=cfg.init)
 
 
 def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | None = None) -> str:
     """Add the adapter saved in a GRPO checkpoint to `backend` (which must hold that adapter's
     base weights) under `as_name` (default: its saved name); returns the name. It becomes active."""
-    from peft import set_peft_model_state_dict
-
     from ..backends import CheckpointError, resolve_checkpoint
     from ..backends.tiny import read_weights
 
@@ -339,12 +308,8 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
         raise CheckpointError(f"{path} has no adapter {name!r}; it has {sorted(adapters)}")
     a = adapters[name]
     as_name = as_name or name
-    backend.add_adapter(as_name, rank=int(a["rank"]), alpha=float(a["alpha"]), targets=list(a["targets"]))
-    res = set_peft_model_state_dict(backend._peft, read_weights(path / a["file"]), adapter_name=as_name)
-    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
-    if bad:
-        raise CheckpointError(f"{path}: adapter {name!r} does not fit this model ({bad[:2]})")
-    return as_name
+    lora = lora_from_state_dict(read_weights(path / a["file"]))
+    return backend.attach_lora(as_name, lora, int(a["rank"]), float(a["alpha"]), list(a["targets"]))
 
 
 def _policy(backend, prompts: list[str], guidance: float):
@@ -458,7 +423,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume)
     dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
-    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch, ema) if cfg.eval_every else None
     net = backend.net if hasattr(backend, "net") else backend.model

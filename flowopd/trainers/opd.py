@@ -138,9 +138,9 @@ from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_sta
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
 from ..rollout import Rollout, transition
 from ..world.prompts import TASKS
-from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
-                        load_teachers, lora_modules_of, read_teacher, resolve_teacher_dir,
-                        save_lora_checkpoint, svd_lora)
+from ..lora import svd_lora
+from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, coldstart, load_teachers, lora_modules_of,
+                        read_teacher, resolve_teacher_dir)
 
 STUDENT = "student"
 ANCHOR = "anchor"  # the adapter name of anchor: lora
@@ -409,8 +409,8 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
             warnings.warn(f"cold start {cs} is dense: student LoRA fit by SVD at rank {rank} "
                           f"(relative residual {resid:.3f}; {len(other)} other changed tensors dropped)")
         if cfg.anchor == "init":
-            attach_lora(backend, "init", lora, rank, alpha, targets)
-        attach_lora(backend, STUDENT, lora, rank, alpha, targets)
+            backend.attach_lora("init", lora, rank, alpha, targets)
+        backend.attach_lora(STUDENT, lora, rank, alpha, targets)
     backend.set_adapter(STUDENT)
     params = [p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n]
     for p in params:
@@ -458,7 +458,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
-    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
                           cfg.micro_batch, ema) if cfg.eval_every else None)
@@ -480,15 +480,9 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     def save(name: str, step: int) -> Path:
         meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
-        with ema.applied() if ema is not None else nullcontext():
-            if backend.name == "sd3":  # the student in diffusers' LoRA format, config.json naming the base
-                with atomic_dir(out / name) as tmp:
-                    backend.save_checkpoint(tmp, adapters=[STUDENT], meta=meta)
-                return out / name
-            lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
-            with atomic_dir(out / name) as tmp:
-                save_lora_checkpoint(tmp, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
-            return out / name
+        with ema.applied() if ema is not None else nullcontext(), atomic_dir(out / name) as tmp:
+            backend.save_adapter_checkpoint(tmp, STUDENT, cfg.base, meta)
+        return out / name
 
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
                initial=start, total=cfg.steps, disable=not dist.is_main)
