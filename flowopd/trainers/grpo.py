@@ -391,7 +391,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..backends import load_checkpoint
+    from ..backends import make_backend
     from ..parallel import noise_mode, param_checksum
     from ..prompt_sources import PromptSources
     from .sd3_teachers import setup_sd3_grpo
@@ -405,7 +405,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     if cfg.backend == "sd3":
         backend = setup_sd3_grpo(cfg, dist)  # the SD3 base with the trained adapter
     else:
-        backend = load_checkpoint(cfg.init, str(device))
+        backend = make_backend(cfg, cfg.init, device)
         if cfg.finetune == "lora":
             add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
         else:

@@ -360,7 +360,7 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
     teachers: load_teachers(cfg.teachers, cfg.base) when already read.
     -> (backend, bank, teacher names, student params, init info)."""
-    from ..backends import load_checkpoint
+    from ..backends import make_backend
     from ..parallel import Dist
 
     dist = dist or Dist.create(cfg.device)  # (the process group is joined once; this finds it again)
@@ -369,7 +369,7 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
 
         return setup_sd3_opd(cfg, out, dist, STUDENT)
 
-    backend = load_checkpoint(cfg.base, str(dist.device))
+    backend = make_backend(cfg, cfg.base, dist.device)
     teachers = teachers if teachers is not None else load_teachers(cfg.teachers, cfg.base)
     bank = TeacherBank(backend)
     names = list(teachers)
