@@ -35,6 +35,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .rollout import transition
+from .world.prompts import PromptError, make_prompt, parse
+
 ROUTING_MODES = ("task", "reward", "soft")
 REWARD_SCALES = ("zscore", "rank", "raw")
 
@@ -48,8 +51,6 @@ def reward_reads(prompt: str, task: str) -> bool:
     compose and quality), i.e. the reward can read it and the teacher was trained on such prompts
     (the quality model would score a sign, but the quality teacher never saw one). Prompts outside
     the grammar (another world) are open to every reward."""
-    from .world.prompts import PromptError, make_prompt, parse
-
     try:
         parse(prompt)
     except PromptError:
@@ -272,8 +273,6 @@ class TeacherBank:
         where mean_k is teacher names[k]'s transition from the student's stored state
         (flowopd.rollout.transition), computed once per teacher on the samples it supervises.
         W: (b, K) routing rows of the samples idx."""
-        from .rollout import transition
-
         idx = torch.as_tensor(idx, dtype=torch.long)
         target = None
         for k, name in enumerate(names):

@@ -152,8 +152,6 @@ def test_unknown_method_and_duplicate_tasks(base_ckpt, teachers, tmp_path):
 
 
 def test_sft_keeps_each_prompts_best_sample_and_fits_a_lora(base_ckpt, teachers, tmp_path, monkeypatch):
-    import flowopd.rewards as rewards
-
     seen = {}
 
     def fake_get_reward(name):
@@ -164,7 +162,7 @@ def test_sft_keeps_each_prompts_best_sample_and_fits_a_lora(base_ckpt, teachers,
             return s
         return r
 
-    monkeypatch.setattr(rewards, "get_reward", fake_get_reward)
+    monkeypatch.setattr(cs, "get_reward", fake_get_reward)
     cfg = ColdStartConfig(base=str(base_ckpt), sft_prompts_per_task=2, sft_candidates=3, sft_sample_steps=2,
                           sft_steps=3, sft_batch=4, sft_rank=4)
     import random

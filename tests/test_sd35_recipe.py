@@ -188,6 +188,7 @@ def test_runs_without_shift_sample_on_their_schedulers_grid(world, tmp_path, mon
     """A pipeline whose scheduler has shift 2.0: rollouts (2 steps) and evaluation (3 steps, the
     ODE) use exactly the scheduler's sigmas when the config leaves shift unset."""
     import flowopd.flow as F
+    import flowopd.trainers.common as C
     from flowopd.trainers import common
 
     grids = {"roll": [], "eval": []}
@@ -203,6 +204,7 @@ def test_runs_without_shift_sample_on_their_schedulers_grid(world, tmp_path, mon
         return real_ode(v, x, sigmas, *a, **k)
 
     monkeypatch.setattr(F, "ode_sample", ode)
+    monkeypatch.setattr(C, "ode_sample", ode)  # the Evaluator's
     model = str(world / "model_shift2")
     if trainer == "grpo":
         import flowopd.trainers.grpo as G

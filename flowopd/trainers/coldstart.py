@@ -46,11 +46,19 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
+from ..rewards import get_reward
+from ..sampling import sample_images
+from ..world.prompts import TASKS, sample_prompt
+from ..flow import interpolate
+from ..losses import flow_matching_loss, logit_normal_sigmas
+from ..world.render import to_model_space
+from ..state import fault_point
+from .checkpointing import RunState, cached, identity, prepare_out
+from .runlog import RunLogger
 from ..backends.tiny import (CheckpointError, base_state, load_checkpoint, read_weights, resolve_checkpoint,
                              save_dense_checkpoint, save_lora_checkpoint)
 from ..config import ConfigError, build, require, to_dict
 from ..lora import Lora, concat_loras, lora_from_state_dict, lora_delta, lora_deltas, svd_lora  # noqa: F401 (re-exported)
-from ..world.prompts import TASKS
 
 DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
@@ -258,10 +266,6 @@ def merge(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | 
 def best_samples(teacher_dir, task: str, reward_name: str, cfg: ColdStartConfig, rng: random.Random, seed: int):
     """The teacher's best-of-`sft_candidates` ODE sample for each of `sft_prompts_per_task` train
     prompts of its task -> (prompts, uint8 images (n, 32, 32, 3), stats)."""
-    from ..rewards import get_reward
-    from ..sampling import sample_images
-    from ..world.prompts import sample_prompt
-
     backend = load_checkpoint(teacher_dir, cfg.device)
     reward = get_reward(reward_name)
     prompts = [sample_prompt(rng, task, "train").text for _ in range(cfg.sft_prompts_per_task)]
@@ -278,14 +282,6 @@ def best_samples(teacher_dir, task: str, reward_name: str, cfg: ColdStartConfig,
 
 def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Path, meta: dict) -> Path:
     """SFT cold start: a LoRA on the base fit by flow matching to the teachers' best samples."""
-    from ..flow import interpolate
-    from ..losses import flow_matching_loss, logit_normal_sigmas
-    from ..world.render import to_model_space
-
-    from ..state import fault_point
-    from .checkpointing import RunState, cached
-    from .runlog import RunLogger
-
     out = Path(out)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation (and the teachers' loading) draw from it
     rng = random.Random(cfg.seed)
@@ -348,8 +344,6 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
 
 def sft_rewards(teachers, cfg: ColdStartConfig) -> dict[str, str]:
     """task -> reward name of each teacher's task; unknown tasks or reward names are errors."""
-    from ..rewards import get_reward
-
     rewards = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
     for task in teachers:
         if task not in rewards:
@@ -383,8 +377,6 @@ def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | Non
     teachers: paths (a teacher's task is read from its recipe or adapter name), TASK=PATH items,
     or a {task: path} mapping. An `out` holding this cold start's unfinished sft resumes it;
     another run's is refused unless overwrite. Returns `out` (a checkpoint directory)."""
-    from .checkpointing import identity, prepare_out
-
     cfg = cfg or ColdStartConfig()
     if method not in ("merge", "sft"):
         raise ConfigError(f"unknown cold start method {method!r}; use 'merge' or 'sft'")

@@ -36,6 +36,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..flow import ode_sample, sigma_grid
+from ..parallel import Dist, group_noise
+from ..sampling import guided_velocity
+from ..routing import score_all
+from ..rollout import rollout
 from ..config import require
 from ..world.prompts import TASKS
 
@@ -175,10 +180,6 @@ class Evaluator:
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        from ..flow import ode_sample, sigma_grid
-        from ..parallel import group_noise
-        from ..sampling import guided_velocity
-
         b, dev = self.backend, self.backend.device
         mine = self.dist.mine(len(self.items))
         noise = group_noise(self.seed, -1, mine, 1, 0, tuple(b.latent_shape()))[:, 0]  # (n, C, H, W)
@@ -206,8 +207,6 @@ def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> to
     reward on the samples it can read (flowopd.routing.score_all). Prompts from files: each sample
     scored by its own task's reward only, with its metadata (NaN elsewhere): a GenEval reward cannot
     read an OCR prompt."""
-    from ..routing import score_all
-
     if all(t in TASKS for t in list(tasks) + list(names)):
         return score_all(reward_fns, images, prompts, names)
     out = torch.full((len(prompts), len(names)), float("nan"))
@@ -248,9 +247,6 @@ def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, gen
     `per_group` (seeded by (seed, iteration, group)), else from `generator`. `window()`, called
     after the draw, gives the SDE steps (None: all); `kw` goes to flowopd.rollout.rollout
     (shared_noise). -> the Rollout."""
-    from ..parallel import group_noise
-    from ..rollout import rollout
-
     prompts, tasks, meta = sources.draw_batch(rng, counts)
     mine = dist.mine(len(prompts))
     noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
@@ -267,8 +263,6 @@ def start_run(cfg):
     an accelerate/torchrun launch), check the batch splits over them, seed torch, set the CPU
     threads. -> (dist, rng: the prompt/step draws, identical on every process, gen: this
     process's noise and shuffles)."""
-    from ..parallel import Dist
-
     dist = Dist.create(cfg.device)
     dist.check_batch(cfg.prompts_per_step)
     torch.manual_seed(cfg.seed)

@@ -105,6 +105,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ..backends import CheckpointError, make_backend, resolve_checkpoint
+from ..backends.tiny import read_weights
+from ..parallel import noise_mode, param_checksum
+from ..prompt_sources import PromptSources
+from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, resolve_backend_keys,
                      rollout_batch, schedule_counts, start_run)
@@ -293,9 +298,6 @@ def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Pat
 def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | None = None) -> str:
     """Add the adapter saved in a GRPO checkpoint to `backend` (which must hold that adapter's
     base weights) under `as_name` (default: its saved name); returns the name. It becomes active."""
-    from ..backends import CheckpointError, resolve_checkpoint
-    from ..backends.tiny import read_weights
-
     path = resolve_checkpoint(checkpoint)
     adapters = json.loads((path / "config.json").read_text()).get("adapters") or {}
     if not adapters:
@@ -391,11 +393,6 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..backends import make_backend
-    from ..parallel import noise_mode, param_checksum
-    from ..prompt_sources import PromptSources
-    from .sd3_teachers import setup_sd3_grpo
-
     out = Path(out)
     t0 = time.time()
     dist, rng, gen = start_run(cfg)

@@ -126,6 +126,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ..rollout import Rollout, STEP_FNS, transition
+from ..backends import make_backend
+from ..parallel import Dist, noise_mode, param_checksum
+from .sd3_teachers import setup_sd3_opd
+from ..backends.tiny import LORA_TARGETS
+from ..prompt_sources import PromptSources
+from ..rewards import REWARDS, get_reward, per_task
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, resolve_backend_keys, rollout_batch,
                      schedule_counts, score_tasks, start_run)
@@ -136,7 +143,6 @@ from ..flow import step_kl
 from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_stats, grpo_loss, mar_loss,
                       opd_direct_loss, opd_pg_advantages, reward_mode_loss, zero_std_groups)
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
-from ..rollout import Rollout, transition
 from ..world.prompts import TASKS
 from ..lora import svd_lora
 from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, coldstart, load_teachers, lora_modules_of,
@@ -311,8 +317,6 @@ def step_weights(sigmas, steps: list[int], noise_level: float, method: str = "sd
     10-step grid, so unweighted KLs all but ignore the high-noise steps that lay out the image."""
     if mode == "kl":
         return {j: 1.0 for j in steps}
-    from ..rollout import STEP_FNS
-
     c = {}
     for j in steps:
         x = torch.zeros(1, 1, dtype=torch.float64)
@@ -360,13 +364,8 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
     teachers: load_teachers(cfg.teachers, cfg.base) when already read.
     -> (backend, bank, teacher names, student params, init info)."""
-    from ..backends import make_backend
-    from ..parallel import Dist
-
     dist = dist or Dist.create(cfg.device)  # (the process group is joined once; this finds it again)
     if cfg.backend == "sd3":
-        from .sd3_teachers import setup_sd3_opd
-
         return setup_sd3_opd(cfg, out, dist, STUDENT)
 
     backend = make_backend(cfg, cfg.base, dist.device)
@@ -399,8 +398,6 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
         if init.kind == "lora":
             lora, rank, alpha, targets = init.lora, init.rank, init.alpha, init.targets
         else:
-            from ..backends.tiny import LORA_TARGETS
-
             targets = list(LORA_TARGETS)
             lora, resid = svd_lora(init.dense, lora_modules_of(backend, targets), cfg.student_rank)
             rank, alpha = cfg.student_rank, float(cfg.student_rank)
@@ -425,10 +422,6 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..parallel import noise_mode, param_checksum
-    from ..prompt_sources import PromptSources
-    from ..rewards import REWARDS, get_reward, per_task
-
     out = Path(out)
     t0 = time.time()
     dist, rng, gen = start_run(cfg)
