@@ -52,7 +52,7 @@ from ..world.prompts import TASKS, sample_prompt
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
 from ..world.render import to_model_space
-from ..state import fault_point
+from .common import optimizer_step
 from .checkpointing import RunState, cached, identity, prepare_out
 from .runlog import RunLogger
 from ..backends.tiny import (CheckpointError, base_state, load_checkpoint, read_weights, resolve_checkpoint,
@@ -327,10 +327,7 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
         loss = flow_matching_loss(v, x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if run.update_ok(step, math.isfinite(loss.item()), gnorm):  # else NaN/Inf: skipped (logged)
-            opt.step()
-            fault_point("update", step)
+        optimizer_step(opt, params, run, step, math.isfinite(loss.item()), 1.0)  # NaN/Inf: skipped (logged)
         if step % 10 == 0 or step == 1:
             log.log(step, {"loss": loss.item()})
         bar.set_postfix(loss=f"{loss.item():.4f}")

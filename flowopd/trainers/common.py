@@ -42,6 +42,7 @@ from ..sampling import guided_velocity
 from ..routing import score_all
 from ..rollout import rollout
 from ..config import require
+from ..state import fault_point
 from ..world.prompts import TASKS
 
 BACKENDS = ("tiny", "sd3")
@@ -158,6 +159,24 @@ class EMA:
             with torch.no_grad():
                 for p, v in zip(self.params, live):
                     p.copy_(v)
+
+
+def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float, dist=None, ema=None) -> tuple[float, bool]:
+    """The one update every trainer takes once its gradients are accumulated: average them across
+    processes (dist), clip to grad_clip (<= 0: no clipping, the norm is still measured), skip the
+    step on a NaN/Inf loss or gradient (run.update_ok logs it and stops a stream of them), else
+    step the optimizer and the EMA; the gradients are cleared either way. -> (grad norm, stepped)."""
+    if dist is not None:
+        dist.average_gradients(params)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    stepped = run.update_ok(step, loss_ok, gnorm)
+    if stepped:
+        opt.step()
+        if ema is not None:
+            ema.update()
+        fault_point("update", step)
+    opt.zero_grad(set_to_none=True)
+    return gnorm, stepped
 
 
 class Evaluator:

@@ -111,8 +111,8 @@ from ..parallel import noise_mode, param_checksum
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, resolve_backend_keys,
-                     rollout_batch, schedule_counts, start_run)
+from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
+                     resolve_backend_keys, rollout_batch, schedule_counts, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..lora import lora_from_state_dict
@@ -121,7 +121,7 @@ from ..flow import interpolate, step_kl
 from ..rewards import get_reward, per_task, weighted_sum
 from ..rollout import Rollout, transition
 from ..sampling import guided_velocity
-from ..state import atomic_dir, fault_point
+from ..state import atomic_dir
 from ..world.prompts import CATEGORIES
 
 DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
@@ -498,15 +498,8 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
                     stats.append(st)
                     loss_ok = loss_ok and math.isfinite(st["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    dist.average_gradients(params)
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
-                        opt.step()
-                        n_opt += 1
-                        if ema is not None:
-                            ema.update()
-                        fault_point("update", step)
-                    opt.zero_grad(set_to_none=True)
+                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
+                    n_opt += stepped
                     loss_ok = True
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)

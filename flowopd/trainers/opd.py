@@ -134,11 +134,11 @@ from ..backends.tiny import LORA_TARGETS
 from ..prompt_sources import PromptSources
 from ..rewards import REWARDS, get_reward, per_task
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, resolve_backend_keys, rollout_batch,
-                     schedule_counts, score_tasks, start_run)
+from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, optimizer_step,
+                     resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
-from ..state import atomic_dir, fault_point
+from ..state import atomic_dir
 from ..flow import step_kl
 from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_stats, grpo_loss, mar_loss,
                       opd_direct_loss, opd_pg_advantages, reward_mode_loss, zero_std_groups)
@@ -562,15 +562,8 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
                     loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    dist.average_gradients(params)
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
-                        opt.step()
-                        n_opt += 1
-                        if ema is not None:
-                            ema.update()
-                        fault_point("update", step)
-                    opt.zero_grad(set_to_none=True)
+                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
+                    n_opt += stepped
                     loss_ok = True
 
         # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint; the
