@@ -46,7 +46,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from ..rewards import get_reward
+from ..rewards import DEFAULT_TASK_REWARDS, get_reward
 from ..sampling import sample_images
 from ..world.prompts import TASKS, sample_prompt
 from ..flow import interpolate
@@ -60,7 +60,6 @@ from ..backends.tiny import (CheckpointError, base_state, load_checkpoint, read_
 from ..config import ConfigError, build, require, to_dict
 from ..lora import Lora, concat_loras, lora_from_state_dict, lora_delta, lora_deltas, svd_lora  # noqa: F401 (re-exported)
 
-DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
 
 # ----------------------------------------------------------------------------- LoRA on a model

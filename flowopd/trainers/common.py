@@ -41,7 +41,7 @@ from ..parallel import Dist, group_noise
 from ..sampling import guided_velocity
 from ..routing import score_all
 from ..rollout import rollout
-from ..config import require
+from ..config import ConfigError, require
 from ..state import fault_point
 from ..world.prompts import TASKS
 
@@ -159,6 +159,19 @@ class EMA:
             with torch.no_grad():
                 for p, v in zip(self.params, live):
                     p.copy_(v)
+
+
+def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
+    """How many of the n prompts of each batch come from each task (largest remainder)."""
+    s = {t: float(shares.get(t, 1.0)) for t in tasks}
+    total = sum(s.values())
+    if total <= 0:
+        raise ConfigError("task_shares must not all be 0")
+    exact = {t: n * v / total for t, v in s.items()}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
 
 
 def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float, dist=None, ema=None) -> tuple[float, bool]:

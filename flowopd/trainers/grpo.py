@@ -112,19 +112,18 @@ from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
-                     resolve_backend_keys, rollout_batch, schedule_counts, start_run)
+                     resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..lora import lora_from_state_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
 from ..flow import interpolate, step_kl
-from ..rewards import get_reward, per_task, weighted_sum
+from ..rewards import DEFAULT_TASK_REWARDS, get_reward, per_task, weighted_sum
 from ..rollout import Rollout, transition
 from ..sampling import guided_velocity
 from ..state import atomic_dir
 from ..world.prompts import CATEGORIES
 
-DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
 
 @dataclass
@@ -275,19 +274,6 @@ def make_reward_fn(cfg: GRPOConfig):
     return per_task(tr, cfg.reward_weights)
 
 
-def task_counts(cfg: GRPOConfig) -> dict[str, int]:
-    """How many of the P prompts of each batch come from each task (largest remainder)."""
-    shares = {t: float(cfg.task_shares.get(t, 1.0)) for t in cfg.tasks}
-    total = sum(shares.values())
-    if total <= 0:
-        raise ConfigError("task_shares must not all be 0")
-    exact = {t: cfg.prompts_per_step * s / total for t, s in shares.items()}
-    counts = {t: int(math.floor(x)) for t, x in exact.items()}
-    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: cfg.prompts_per_step - sum(counts.values())]:
-        counts[t] += 1
-    return counts
-
-
 def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Path:
     """Write a checkpoint (Backend.save_checkpoint): tiny, merged full weights (+ the adapter alone
     for LoRA runs); SD3, the adapter in diffusers' LoRA format with config.json naming the base."""
@@ -415,7 +401,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    counts = task_counts(cfg)
+    counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume)

@@ -132,10 +132,11 @@ from ..parallel import Dist, noise_mode, param_checksum
 from .sd3_teachers import setup_sd3_opd
 from ..backends.tiny import LORA_TARGETS
 from ..prompt_sources import PromptSources
-from ..rewards import REWARDS, get_reward, per_task
+from ..rewards import DEFAULT_TASK_REWARDS, REWARDS, get_reward, per_task
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, optimizer_step,
-                     resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run)
+                     resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run,
+                     task_counts)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir
@@ -145,7 +146,7 @@ from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_sta
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
 from ..world.prompts import TASKS
 from ..lora import svd_lora
-from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, coldstart, load_teachers, lora_modules_of,
+from .coldstart import (ColdStartConfig, coldstart, load_teachers, lora_modules_of,
                         read_teacher, resolve_teacher_dir)
 
 STUDENT = "student"
@@ -283,19 +284,6 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
-    """How many of the n prompts of each batch come from each task (largest remainder)."""
-    s = {t: float(shares.get(t, 1.0)) for t in tasks}
-    total = sum(s.values())
-    if total <= 0:
-        raise ConfigError("task_shares must not all be 0")
-    exact = {t: n * v / total for t, v in s.items()}
-    counts = {t: int(exact[t]) for t in tasks}
-    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
-        counts[t] += 1
-    return counts
 
 
 def sampled_log_ratio(x_next, mean_s, mean_t, step_std, dt, normalization: str = "exact"):
