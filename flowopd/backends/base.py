@@ -25,6 +25,8 @@ class Backend(Protocol):
     sampling: dict              # the model's default sampler: steps, cfg, shift
     adapters: list[str]         # names of the adapters added so far
     stream_noise: bool          # noise "auto" may draw from one CPU stream (one CPU process)
+    pixel_space: bool           # samples are images in [-1, 1] (clamped as decoding does)
+    default_lora_init: Any      # peft's init_lora_weights when a config leaves lora_init ""
 
     # ---- computing ----
     def encode_prompts(self, prompts: list[str | None]) -> Any:

@@ -124,6 +124,8 @@ class SD3Backend:
 
     name = "sd3"
     stream_noise = False  # noise "auto": per-group generators (GPU rollouts, several processes)
+    pixel_space = False   # latents: decoding goes through the VAE, nothing to clamp
+    default_lora_init = "gaussian"  # peft's init_lora_weights for lora_init "" (Flow-GRPO's)
 
     def __init__(self, transformer, vae, text_encoders=(None, None, None), tokenizers=(None, None, None), *,
                  device: str | torch.device = "cpu", dtype="fp32", vae_dtype="fp32", resolution: int | None = None,

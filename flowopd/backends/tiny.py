@@ -49,6 +49,8 @@ class TinyBackend:
     name = "tiny"
     # noise "auto" on one CPU process draws from one stream generator (what toy runs always drew)
     stream_noise = True
+    pixel_space = True          # model space is the image in [-1, 1]: decoding clamps
+    default_lora_init = True    # peft's init_lora_weights for lora_init "" (B = 0)
 
     def __init__(self, model: TinyUNet, device: str | torch.device = "cpu", sampling: dict | None = None):
         self.device = torch.device(device)
@@ -84,8 +86,10 @@ class TinyBackend:
     def net(self):
         return self._peft if self._peft is not None else self.model
 
-    def add_adapter(self, name: str, rank: int = 8, alpha: float | None = None, targets=None, init: bool = True):
-        """Add a named LoRA adapter over the frozen base and make it active."""
+    def add_adapter(self, name: str, rank: int = 8, alpha: float | None = None, targets=None, init: bool = True,
+                    trainable: bool = True):
+        """Add a named LoRA adapter over the frozen base and make it active (`trainable`: for the
+        contract's sake; the tiny back end leaves requires_grad to peft and the trainer)."""
         from peft import LoraConfig, get_peft_model  # peft imports transformers (heavy): only when adapters are used
 
         cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets or LORA_TARGETS,

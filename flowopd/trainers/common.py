@@ -120,17 +120,14 @@ def lora_init_value(setting: str, backend):
         return "gaussian"
     if setting == "default":
         return True
-    return "gaussian" if getattr(backend, "name", "tiny") == "sd3" else True
+    return backend.default_lora_init
 
 
 def add_trained_adapter(backend, name: str, rank: int, alpha: float, cfg: ModelKeys) -> None:
     """Add the LoRA a trainer trains, active and trainable, on either back end."""
     targets = list(cfg.lora_targets) or None
     init = lora_init_value(cfg.lora_init, backend)
-    if getattr(backend, "name", "tiny") == "sd3":
-        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init, trainable=True)
-    else:
-        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init)
+    backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init, trainable=True)
 
 
 class EMA:

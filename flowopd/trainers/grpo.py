@@ -307,37 +307,40 @@ def _policy(backend, prompts: list[str], guidance: float):
     return guided_velocity(backend, cond, uncond, guidance)
 
 
-def grpo_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, kls: list, device):
-    """Flow-GRPO's update on one micro-batch: fn(idx, train_steps, n_in_group) recomputes each
-    trained transition under the current policy, backpropagates the clipped-ratio loss (+ kl_beta *
-    the per-step KL to the base, adapter off) and yields each step's stats."""
-
-    def run(idx, train_steps, n_in_group):
-        for j in train_steps:
-            tr = transition(backend, ro, idx, j)
-            loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device), cfg.clip_range)
-            if cfg.kl_beta > 0:
-                with torch.no_grad(), backend.adapter(None):
-                    ref = transition(backend, ro, idx, j)
-                dt = ro.sigmas[j + 1] - ro.sigmas[j]
-                kl = step_kl(tr.mean, ref.mean, tr.std, dt=dt, normalization=cfg.kl_normalization).mean()
-                loss = loss + cfg.kl_beta * kl
-                kls.append(kl.item())
-            (loss / (len(train_steps) * n_in_group)).backward()
-            yield {k: v.item() for k, v in st.items()} | {"loss": loss.item()}
-
-    return run
+def grpo_step_loss(backend, ro: Rollout, adv, cfg: GRPOConfig, idx, j: int, device):
+    """Flow-GRPO's loss at denoising step j of the samples idx: the transition recomputed under the
+    current policy, the clipped-ratio loss (+ kl_beta * the per-step KL to the base, adapter off).
+    -> (loss, stats, kl or None)."""
+    tr = transition(backend, ro, idx, j)
+    loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device), cfg.clip_range)
+    kl = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), backend.adapter(None):
+            ref = transition(backend, ro, idx, j)
+        dt = ro.sigmas[j + 1] - ro.sigmas[j]
+        kl = step_kl(tr.mean, ref.mean, tr.std, dt=dt, normalization=cfg.kl_normalization).mean()
+        loss = loss + cfg.kl_beta * kl
+    return loss, st, kl
 
 
-def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen, kls: list):
-    """`objective: nft` on one micro-batch. Draws, once per iteration, K noise levels t (uniform,
-    time-shifted like the sampling grid) and noises for every final sample x0 and records the
-    sampling policy's velocities v_old at x_t = (1 - t) x0 + t noise (no gradients); then
-    fn(idx, _, n_in_group) backpropagates losses.nft_loss with weights r = nft_weights(A) (+ kl_beta
-    * mean (v - v_base)^2, adapter off) and yields each noise level's stats."""
+@dataclass
+class NFTBatch:
+    """`objective: nft`'s draws for one iteration: K noise levels t (uniform, time-shifted like the
+    sampling grid) and noises for every final sample x0, the sampling policy's velocities v_old at
+    x_t = (1 - t) x0 + t noise, and the weights r = nft_weights(A)."""
+
+    x0: torch.Tensor       # (B, C, H, W), CPU
+    t: torch.Tensor        # (B, K)
+    eps: torch.Tensor      # (B, K, C, H, W)
+    v_old: torch.Tensor    # (B, K, C, H, W)
+    weights: torch.Tensor  # (B,)
+
+
+def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) -> NFTBatch:
+    """Draw an iteration's NFT noise levels and noises and record v_old (no gradients)."""
     dev = backend.device
     x0 = ro.final.float()  # (B, C, H, W) on the CPU
-    if getattr(backend, "name", "tiny") == "tiny":
+    if backend.pixel_space:
         x0 = x0.clamp(-1.0, 1.0)  # pixel space: what decoding keeps
     B, K = len(ro), cfg.nft_timesteps
     u = torch.rand((B, K), generator=gen)
@@ -351,25 +354,25 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen, 
             for k in range(K):
                 xt = interpolate(x0[idx], eps[idx, k], t_all[idx, k])
                 v_old[idx, k] = vf(xt.to(dev), t_all[idx, k].to(dev)).float().cpu()
+    return NFTBatch(x0, t_all, eps, v_old, weights)
 
-    def run(idx, _steps, n_in_group):
-        prompts = [ro.prompts[i] for i in idx.tolist()]
-        vf = _policy(backend, prompts, guidance)
-        for k in range(K):
-            t = t_all[idx, k].to(dev)
-            xt = interpolate(x0[idx], eps[idx, k], t_all[idx, k]).to(dev)
-            v = vf(xt, t)
-            loss, st = nft_loss(v, v_old[idx, k].to(dev), (eps[idx, k] - x0[idx]).to(dev), weights[idx], cfg.nft_beta)
-            if cfg.kl_beta > 0:
-                with torch.no_grad(), backend.adapter(None):
-                    v_ref = _policy(backend, prompts, guidance)(xt, t).float()
-                kl = ((v.float() - v_ref) ** 2).mean()
-                loss = loss + cfg.kl_beta * kl
-                kls.append(kl.item())
-            (loss / (K * n_in_group)).backward()
-            yield {k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()}
 
-    return run
+def nft_step_loss(backend, nb: NFTBatch, vf, prompts: list[str], cfg: GRPOConfig, guidance: float, idx, k: int):
+    """losses.nft_loss of the samples idx at their k-th noise level, vf the current policy's
+    velocity field for their prompts (+ kl_beta * mean (v - v_base)^2, adapter off).
+    -> (loss, stats, kl or None)."""
+    dev = backend.device
+    t = nb.t[idx, k].to(dev)
+    xt = interpolate(nb.x0[idx], nb.eps[idx, k], nb.t[idx, k]).to(dev)
+    v = vf(xt, t)
+    loss, st = nft_loss(v, nb.v_old[idx, k].to(dev), (nb.eps[idx, k] - nb.x0[idx]).to(dev), nb.weights[idx], cfg.nft_beta)
+    kl = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), backend.adapter(None):
+            v_ref = _policy(backend, prompts, guidance)(xt, t).float()
+        kl = ((v.float() - v_ref) ** 2).mean()
+        loss = loss + cfg.kl_beta * kl
+    return loss, st, kl
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -463,11 +466,10 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         kls: list[float] = []
         if cfg.objective == "nft":
             # forward process: noise the final samples at K random levels; v_old is the sampling policy's
-            batch_loss = nft_batch(backend, ro, adv, cfg, guidance, gen, kls)
+            nb = nft_batch(backend, ro, adv, cfg, guidance, gen)
         else:
             steps_all = ro.trainable_steps()
             n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
-            batch_loss = grpo_batch(backend, ro, adv, cfg, kls, device)
         stats, n_opt, loss_ok = [], 0, True
         for _ in range(cfg.inner_epochs):
             train_steps = None if cfg.objective != "grpo" else (
@@ -479,10 +481,22 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             order = torch.randperm(len(chunks), generator=gen).tolist()
             opt.zero_grad(set_to_none=True)
             for k, ci in enumerate(order):
+                idx = chunks[ci]
                 n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
-                for st in batch_loss(chunks[ci], train_steps, n_in_group):  # backward inside
-                    stats.append(st)
-                    loss_ok = loss_ok and math.isfinite(st["loss"])
+                if cfg.objective == "nft":
+                    prompts = [ro.prompts[i] for i in idx.tolist()]
+                    vf = _policy(backend, prompts, guidance)  # the prompts encoded once per micro-batch
+                terms = train_steps if cfg.objective == "grpo" else range(cfg.nft_timesteps)
+                for j in terms:  # GRPO: the trained denoising steps; NFT: the K noise levels
+                    if cfg.objective == "grpo":
+                        loss, st, kl = grpo_step_loss(backend, ro, adv, cfg, idx, j, device)
+                    else:
+                        loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, guidance, idx, j)
+                    if kl is not None:
+                        kls.append(kl.item())
+                    (loss / (len(terms) * n_in_group)).backward()
+                    stats.append({k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()})
+                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
                     gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
                     n_opt += stepped
