@@ -30,14 +30,17 @@ is 1.0, SD3's the scheduler's (3.0 for SD3.5).
 """
 from __future__ import annotations
 
+import json
 import random
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from ..flow import ode_sample, sigma_grid
-from ..parallel import Dist, group_noise
+from ..parallel import Dist, group_noise, param_checksum
 from ..sampling import guided_velocity
 from ..routing import score_all
 from ..rollout import rollout
@@ -169,6 +172,39 @@ def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
     for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
         counts[t] += 1
     return counts
+
+
+def end_step(step: int, rec: dict, cfg, t0: float, dist, evaluate, logger, save, run, bar) -> bool:
+    """The tail of a GRPO or OPD iteration: evaluate (every eval_every steps, at the last one and at
+    the time limit; the EMA weights when there is one), log, keep a step_* checkpoint (save_every),
+    mark the step done (run state). -> True when max_minutes is spent (every process agrees)."""
+    stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
+    if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+        rec.update(evaluate())
+    if step % cfg.log_every == 0 or step == 1:
+        logger.log(step, rec)
+    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
+        save(f"step_{step:06d}", step)
+    run.step_done(step)
+    if stop:
+        bar.write(f"time limit reached at step {step}")
+    return stop
+
+
+def finish_run(step: int, out: Path, t0: float, dist, run, logger, save, params, summary: dict) -> Path:
+    """The end of a GRPO or OPD run: the final run state and checkpoint (rank 0), out/summary.json
+    (steps, minutes, `summary`, one parameter checksum per process: equal iff the replicas agree).
+    -> out/final."""
+    run.finish(step)
+    final = save("final", step) if dist.is_main else out / "final"
+    logger.close()
+    checksums = dist.gather_list([param_checksum(params)])
+    if dist.is_main:
+        (out / "summary.json").write_text(json.dumps(
+            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), **summary, "processes": dist.world,
+             "param_checksums": checksums}))
+    dist.close()
+    return final
 
 
 def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float, dist=None, ema=None) -> tuple[float, bool]:

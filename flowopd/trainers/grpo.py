@@ -107,12 +107,13 @@ from tqdm import tqdm
 
 from ..backends import CheckpointError, make_backend, resolve_checkpoint
 from ..backends.tiny import read_weights
-from ..parallel import noise_mode, param_checksum
+from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
-                     resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts)
+                     resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
+                     end_step, finish_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..lora import lora_from_state_dict
@@ -527,28 +528,11 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
             "min": round((time.time() - t0) / 60, 2),
         })
-        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())  # the EMA weights when there is one
-        if step % cfg.log_every == 0 or step == 1:
-            logger.log(step, rec)
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
-            save(f"step_{step:06d}", step)
-        run.step_done(step)
-        if stop:
-            bar.write(f"time limit reached at step {step}")
+        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
             break
-    run.finish(step)
-    final = save("final", step) if dist.is_main else out / "final"
-    logger.close()
-    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
-    if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(
-            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rollouts": step * cfg.samples_per_step,
-             "name": cfg.name, "processes": dist.world, "param_checksums": checksums}))
-    dist.close()
-    return final
+    return finish_run(step, out, t0, dist, run, logger, save, params,
+                      {"rollouts": step * cfg.samples_per_step, "name": cfg.name})
 
 
 def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,

@@ -128,7 +128,7 @@ from tqdm import tqdm
 
 from ..rollout import Rollout, STEP_FNS, transition
 from ..backends import make_backend
-from ..parallel import Dist, noise_mode, param_checksum
+from ..parallel import Dist, noise_mode
 from .sd3_teachers import setup_sd3_opd
 from ..backends.tiny import LORA_TARGETS
 from ..prompt_sources import PromptSources
@@ -136,7 +136,7 @@ from ..rewards import DEFAULT_TASK_REWARDS, REWARDS, get_reward, per_task
 from .checkpointing import RunState, identity, prepare_out
 from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, optimizer_step,
                      resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run,
-                     task_counts)
+                     task_counts, end_step, finish_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
 from ..state import atomic_dir
@@ -588,28 +588,11 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                                    zip(names, scaler.state()["mean"], scaler.state()["std"])}
         rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
                     "min": round((time.time() - t0) / 60, 2)})
-        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())  # the EMA weights when there is one
-        if step % cfg.log_every == 0 or step == 1:
-            logger.log(step, rec)
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
-            save(f"step_{step:06d}", step)
-        run.step_done(step)
-        if stop:
-            bar.write(f"time limit reached at step {step}")
+        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
             break
-    run.finish(step)
-    final = save("final", step) if dist.is_main else out / "final"
-    logger.close()
-    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
-    if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(
-            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rule": cfg.rule, "routing": cfg.routing,
-             "beta": cfg.beta, "processes": dist.world, "param_checksums": checksums}))
-    dist.close()
-    return final
+    return finish_run(step, out, t0, dist, run, logger, save, params,
+                      {"rule": cfg.rule, "routing": cfg.routing, "beta": cfg.beta})
 
 
 # ----------------------------------------------------------------------------- entry point
