@@ -51,7 +51,7 @@ def lora_from_state_dict(sd: dict[str, Tensor]) -> Lora:
 
 
 def lora_to_state_dict(lora: Lora) -> dict[str, Tensor]:
-    """{module: (A, B)} -> peft adapter state dict keys (what set_peft_model_state_dict loads)."""
+    """{module: (A, B)} -> adapter state dict keys in peft's layout (what peft loads back into a model)."""
     sd = {}
     for m, (A, B) in lora.items():
         sd[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.contiguous()
