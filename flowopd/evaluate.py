@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from .world.fidelity import fidelity
+from .world.scoring import mean_of_means_se, score_images
 from .sampling import sample_images
 from .world.prompts import get_split
 
@@ -32,9 +34,6 @@ def evaluate(backend, split: str = "test", steps: int | None = None, cfg: float 
     text, quality, fidelity (FD, lower is better), average (mean of the three task scores), n, and
     se: the standard error of each mean (none for FD).
     per_group limits the split to its first prompts of each (task, category) (smoke runs)."""
-    from .world.fidelity import fidelity
-    from .world.scoring import mean_of_means_se, score_images
-
     prompts = subset(get_split(split), per_group)
     t0 = time.time()
     images = sample_images(backend, [p.text for p in prompts], steps=steps, cfg=cfg, seed=seed, progress=progress)

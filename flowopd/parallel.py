@@ -227,13 +227,14 @@ def group_noise(seed: int, step: int, groups: list[int], group_size: int, num_st
     return torch.cat(out) if out else torch.zeros((0, num_steps + 1, *shape))
 
 
-def noise_mode(setting: str, backend_name: str, device, world: int) -> str:
+def noise_mode(setting: str, stream_noise: bool, device, world: int) -> str:
     """"stream" (one CPU generator for the whole run: the toy trainers' original draw) or
-    "per_group" (group_noise). "auto": stream only for the tiny back end on one CPU process, so
-    that toy runs reproduce what they always gave; per_group everywhere else (several processes
+    "per_group" (group_noise). "auto": stream only for a back end whose `stream_noise` is set (the
+    tiny one) on one CPU process, so that toy runs reproduce what they always gave; per_group
+    everywhere else (several processes
     need it; it also draws on the CPU, so that GPU rollouts work with CPU generators)."""
     if setting != "auto":
         return setting
-    if backend_name == "tiny" and world == 1 and torch.device(device).type == "cpu":
+    if stream_noise and world == 1 and torch.device(device).type == "cpu":
         return "stream"
     return "per_group"

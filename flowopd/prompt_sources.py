@@ -24,6 +24,7 @@ import json
 import random
 from pathlib import Path
 
+from .io import MAX_PROMPT_CHARS, _read_text
 from .config import ConfigError
 from .world.prompts import TASKS, get_split, sample_prompt
 
@@ -33,8 +34,6 @@ SPLITS = ("train", "test")
 def read_prompt_records(path: str | Path) -> list[dict]:
     """A .txt (one prompt a line) or .jsonl ({"prompt": ..., [task], [metadata...]}) file ->
     [{"prompt": str, "task": str | None, "metadata": dict}]. Errors name the line."""
-    from .io import MAX_PROMPT_CHARS, _read_text
-
     path = Path(path)
     text = _read_text(path, "prompt file")  # missing, binary, not UTF-8: one clear error
     lines = text.splitlines()

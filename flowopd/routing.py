@@ -35,6 +35,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .rollout import transition
+from .world.prompts import PromptError, make_prompt, parse
+
 ROUTING_MODES = ("task", "reward", "soft")
 REWARD_SCALES = ("zscore", "rank", "raw")
 
@@ -48,8 +51,6 @@ def reward_reads(prompt: str, task: str) -> bool:
     compose and quality), i.e. the reward can read it and the teacher was trained on such prompts
     (the quality model would score a sign, but the quality teacher never saw one). Prompts outside
     the grammar (another world) are open to every reward."""
-    from .world.prompts import PromptError, make_prompt, parse
-
     try:
         parse(prompt)
     except PromptError:
@@ -220,13 +221,11 @@ class TeacherBank:
         self._dense: dict[str, dict[str, Tensor]] = {}
 
     def add(self, name: str, teacher) -> None:
-        from .trainers.coldstart import attach_lora
-
         if name in self.kind:
             raise KeyError(f"teacher {name!r} already added")
         if teacher.kind == "lora":
-            active = self.backend._peft.active_adapter if self.backend._peft is not None else None
-            attach_lora(self.backend, name, teacher.lora, teacher.rank, teacher.alpha, teacher.targets)
+            active = self.backend.active_adapter
+            self.backend.attach_lora(name, teacher.lora, teacher.rank, teacher.alpha, teacher.targets)
             if active is not None:
                 self.backend.set_adapter(active)
         else:
@@ -245,7 +244,7 @@ class TeacherBank:
                 yield
             return
         if name not in self.kind:
-            if self.backend._peft is not None and name in self.backend.adapters:
+            if name in self.backend.adapters:
                 with self.backend.adapter(name):  # any named adapter (e.g. the student's init)
                     yield
                 return
@@ -274,8 +273,6 @@ class TeacherBank:
         where mean_k is teacher names[k]'s transition from the student's stored state
         (flowopd.rollout.transition), computed once per teacher on the samples it supervises.
         W: (b, K) routing rows of the samples idx."""
-        from .rollout import transition
-
         idx = torch.as_tensor(idx, dtype=torch.long)
         target = None
         for k, name in enumerate(names):

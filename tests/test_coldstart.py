@@ -9,7 +9,7 @@ from flowopd.backends.tiny import load_checkpoint, save_checkpoint
 from flowopd.config import ConfigError
 from flowopd.routing import TeacherBank
 from flowopd.trainers import coldstart as cs
-from flowopd.trainers.coldstart import (ColdStartConfig, attach_lora, base_state, coldstart, concat_loras,
+from flowopd.trainers.coldstart import (ColdStartConfig, base_state, coldstart, concat_loras,
                                         lora_delta, lora_deltas, main_coldstart, read_teacher, standin_teacher)
 from conftest import perturbed_tiny_checkpoint
 
@@ -38,7 +38,7 @@ def test_lora_delta_matches_peft_merge(base_ckpt, teachers):
     t = read_teacher(teachers["compose"], base_ckpt)
     assert t.kind == "lora" and t.rank == 4
     b = load_checkpoint(base_ckpt)
-    attach_lora(b, "t", t.lora, t.rank, t.alpha, t.targets)
+    b.attach_lora("t", t.lora, t.rank, t.alpha, t.targets)
     merged = _merged_by_peft(b, "t")
     base = base_state(base_ckpt)
     deltas = t.deltas()
@@ -63,7 +63,7 @@ def test_merge_of_two_loras_is_the_average_of_dense_deltas(base_ckpt, teachers):
 
     # through peft: the concatenated adapter on the base computes base + average delta
     b = load_checkpoint(base_ckpt)
-    attach_lora(b, "m", merged, 6, 6.0, sorted(set(ta.targets) | set(tb.targets)))
+    b.attach_lora("m", merged, 6, 6.0, sorted(set(ta.targets) | set(tb.targets)))
     full = _merged_by_peft(b, "m")
     base = base_state(base_ckpt)
     for k in base:
@@ -152,8 +152,6 @@ def test_unknown_method_and_duplicate_tasks(base_ckpt, teachers, tmp_path):
 
 
 def test_sft_keeps_each_prompts_best_sample_and_fits_a_lora(base_ckpt, teachers, tmp_path, monkeypatch):
-    import flowopd.rewards as rewards
-
     seen = {}
 
     def fake_get_reward(name):
@@ -164,7 +162,7 @@ def test_sft_keeps_each_prompts_best_sample_and_fits_a_lora(base_ckpt, teachers,
             return s
         return r
 
-    monkeypatch.setattr(rewards, "get_reward", fake_get_reward)
+    monkeypatch.setattr(cs, "get_reward", fake_get_reward)
     cfg = ColdStartConfig(base=str(base_ckpt), sft_prompts_per_task=2, sft_candidates=3, sft_sample_steps=2,
                           sft_steps=3, sft_batch=4, sft_rank=4)
     import random

@@ -63,8 +63,8 @@ def test_one_process_is_the_identity():
     t = torch.arange(6.0)
     assert d.gather(t) is t and d.local(t) is t and d.gather_list([1, 2]) == [1, 2] and d.mine(3) == [0, 1, 2]
     assert d.local_accum(4) == 4 and d.any(False) is False
-    assert noise_mode("auto", "tiny", "cpu", 1) == "stream"
-    assert noise_mode("auto", "tiny", "cpu", 2) == noise_mode("auto", "sd3", "cpu", 1) == "per_group"
+    assert noise_mode("auto", True, "cpu", 1) == "stream"
+    assert noise_mode("auto", True, "cpu", 2) == noise_mode("auto", False, "cpu", 1) == "per_group"
     with pytest.raises(Exception, match="divisible"):
         Dist(world=2, rank=0).check_batch(3)
 

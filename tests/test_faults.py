@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from flowopd.config import build
 from flowopd.state import verify_state
-from flowopd.trainers import opd
+from flowopd.trainers import common, opd
 from flowopd.trainers.checkpointing import NonFiniteError
 from flowopd.trainers.coldstart import ColdStartConfig, coldstart, standin_teacher
 from flowopd.trainers.grpo import GRPOConfig, train_grpo
@@ -241,7 +241,7 @@ def test_distill_interrupted_mid_update_resumes_exactly(base, teachers, tmp_path
         "timestep_fraction=0.7", "inner_epochs=2", "cfg=2.0", "lr=0.01", "rule=pg", "routing=soft"]
     main_distill(None, tmp_path / "ref", over)
     with monkeypatch.context() as m:
-        m.setattr(opd, "fault_point", kill_at("update", 2))
+        m.setattr(common, "fault_point", kill_at("update", 2))
         with pytest.raises(Killed):
             main_distill(None, tmp_path / "run", over)
     assert states(tmp_path / "run") == ["step_00000001"]
@@ -256,14 +256,13 @@ def test_distill_interrupted_mid_update_resumes_exactly(base, teachers, tmp_path
 
 def test_coldstart_sft_interrupted_resumes_exactly_from_its_kept_samples(base, teachers, tmp_path, monkeypatch,
                                                                           capsys):
-    import flowopd.state
     from flowopd.trainers import coldstart as cs
 
     cfg = ColdStartConfig(base=str(base), sft_prompts_per_task=2, sft_candidates=2, sft_sample_steps=3, sft_steps=6,
                           sft_batch=3, state_every=2)
     coldstart("sft", teachers, tmp_path / "ref", cfg)
     with monkeypatch.context() as m:
-        m.setattr(flowopd.state, "fault_point", kill_at("update", 5))
+        m.setattr(common, "fault_point", kill_at("update", 5))
         with pytest.raises(Killed):
             coldstart("sft", teachers, tmp_path / "run", cfg)
     assert states(tmp_path / "run") == ["step_00000002", "step_00000004"]
@@ -280,6 +279,7 @@ def test_coldstart_sft_interrupted_resumes_exactly_from_its_kept_samples(base, t
 
 def test_coldstart_sft_nan_loss_is_skipped_and_a_stream_stops(base, teachers, tmp_path, monkeypatch):
     import flowopd.losses
+    import flowopd.trainers.coldstart
 
     real = flowopd.losses.flow_matching_loss
     calls = {"n": 0, "from": 2, "to": 2}
@@ -289,7 +289,7 @@ def test_coldstart_sft_nan_loss_is_skipped_and_a_stream_stops(base, teachers, tm
         loss = real(*a, **k)
         return loss * float("nan") if calls["from"] <= calls["n"] <= calls["to"] else loss
 
-    monkeypatch.setattr(flowopd.losses, "flow_matching_loss", nan_at)
+    monkeypatch.setattr(flowopd.trainers.coldstart, "flow_matching_loss", nan_at)
     cfg = ColdStartConfig(base=str(base), sft_prompts_per_task=2, sft_candidates=2, sft_sample_steps=3, sft_steps=3,
                           sft_batch=3, max_bad_steps=2)
     coldstart("sft", teachers, tmp_path / "run", cfg)
@@ -316,7 +316,7 @@ def test_pipeline_stage_killed_mid_training_resumes_from_its_state(tmp_path, mon
 
     ref = stage(tmp_path / "ref")
     with monkeypatch.context() as m:
-        m.setattr(grpo, "fault_point", kill_at("update", 2))
+        m.setattr(common, "fault_point", kill_at("update", 2))
         with pytest.raises(Killed):
             stage(tmp_path / "run")
     assert states(tmp_path / "run" / "work" / "teacher-quality") == ["step_00000001"]

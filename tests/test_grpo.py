@@ -9,7 +9,8 @@ from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.config import ConfigError, build
 from flowopd.losses import group_advantages, grpo_loss
 from flowopd.rollout import rollout, transition
-from flowopd.trainers.grpo import GRPOConfig, load_adapter, main_grpo, task_counts, train_grpo
+from flowopd.trainers.common import task_counts
+from flowopd.trainers.grpo import GRPOConfig, load_adapter, main_grpo, train_grpo
 
 
 def _tiny_model(seed: int = 0) -> TinyUNet:
@@ -188,8 +189,7 @@ def test_mix_batches_and_main_entry(tiny_ckpt, tmp_path):
     rec = json.loads((tmp_path / "mix" / "train_log.jsonl").read_text().splitlines()[0])
     assert {"reward/compose", "reward/text", "reward/quality", "clip_frac", "ratio_mean"} <= set(rec)
     assert json.loads((final / "config.json").read_text())["adapters"]["mix"]["rank"] == 8
-    assert task_counts(build(GRPOConfig, dict(tasks=["compose", "text"], prompts_per_step=5,
-                                              task_shares={"compose": 3, "text": 2}))) == {"compose": 3, "text": 2}
+    assert task_counts(["compose", "text"], {"compose": 3, "text": 2}, 5) == {"compose": 3, "text": 2}
 
 
 @pytest.mark.parametrize("bad,match", [("lr=0", "lr"), ("group_size=1", "group_size"), ("steps=0", "steps"),

@@ -9,7 +9,7 @@ from flowopd.config import ConfigError
 from flowopd.flow import sde_step, step_kl
 from flowopd.rollout import rollout, transition
 from flowopd.trainers import opd
-from flowopd.trainers.coldstart import adapter_lora, attach_lora, read_teacher, standin_teacher
+from flowopd.trainers.coldstart import read_teacher, standin_teacher
 from flowopd.trainers.opd import load_config, main_distill, opd_step_loss, sampled_log_ratio
 from conftest import perturbed_tiny_checkpoint
 
@@ -40,8 +40,8 @@ def test_loss_and_gradient_are_zero_when_student_equals_teacher(world, rule, adv
     base, teachers = world
     b = load_checkpoint(base)
     t = read_teacher(teachers["text"], base)
-    attach_lora(b, "teacher", t.lora, t.rank, t.alpha, t.targets)
-    attach_lora(b, "student", t.lora, t.rank, t.alpha, t.targets)  # the same adapter
+    b.attach_lora("teacher", t.lora, t.rank, t.alpha, t.targets)
+    b.attach_lora("student", t.lora, t.rank, t.alpha, t.targets)  # the same adapter
     params = [p for n, p in b.model.named_parameters() if ".student." in n]
     ro = rollout(b, ["a red square", 'a sign that says "K7"'], ["compose", "text"], 2, steps=3, cfg=2.0,
                  micro_batch=4, generator=torch.Generator().manual_seed(0))
@@ -197,7 +197,7 @@ def test_student_starts_exactly_at_the_merge(world, tmp_path):
         with bank.use("init"):
             v_init = b.velocity(x, s, b.encode_prompts(["a red square", None]))
     assert torch.allclose(v_st, v_ref, atol=1e-5) and torch.equal(v_st, v_init)
-    assert sum(p.numel() for p in params) == sum(a.numel() + bb.numel() for a, bb in adapter_lora(b, "student")[0].values())
+    assert sum(p.numel() for p in params) == sum(a.numel() + bb.numel() for a, bb in b.read_lora("student")[0].values())
 
 
 def test_config_errors_and_dotted_overrides(world):
@@ -252,4 +252,4 @@ def test_dense_cold_start_becomes_an_svd_fit_student(world, tmp_path):
     with pytest.warns(UserWarning, match="SVD"):
         b, bank, names, params, info = opd.setup_models(cfg, tmp_path / "o")
     assert 0 < info["svd_residual"] < 1
-    assert adapter_lora(b, "student")[1] == 3 and all(p.requires_grad for p in params)
+    assert b.read_lora("student")[1] == 3 and all(p.requires_grad for p in params)

@@ -8,7 +8,7 @@ from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.rollout import rollout, transition
 from flowopd.routing import (RewardScaler, TeacherBank, readable, reward_routes, route, score_all, soft_routes,
                              task_routes)
-from flowopd.trainers.coldstart import TeacherWeights, adapter_lora
+from flowopd.trainers.coldstart import TeacherWeights
 
 TINY = TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16)
 TEACHERS = ["compose", "text", "quality"]
@@ -78,7 +78,7 @@ def bank_and_rollout():
     g = torch.Generator().manual_seed(1)
     for k, name in enumerate(TEACHERS):  # three clearly different LoRA teachers
         backend.add_adapter(f"tmp{k}", rank=2)
-        lora, r, a, tg = adapter_lora(backend, f"tmp{k}")
+        lora, r, a, tg = backend.read_lora(f"tmp{k}")
         lora = {mod: (torch.randn(A.shape, generator=g) * 0.3, torch.randn(B.shape, generator=g) * 0.3)
                 for mod, (A, B) in lora.items()}
         bank.add(name, TeacherWeights(name, None, lora=lora, rank=r, alpha=a, targets=tg))

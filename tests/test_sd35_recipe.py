@@ -188,6 +188,7 @@ def test_runs_without_shift_sample_on_their_schedulers_grid(world, tmp_path, mon
     """A pipeline whose scheduler has shift 2.0: rollouts (2 steps) and evaluation (3 steps, the
     ODE) use exactly the scheduler's sigmas when the config leaves shift unset."""
     import flowopd.flow as F
+    import flowopd.trainers.common as C
     from flowopd.trainers import common
 
     grids = {"roll": [], "eval": []}
@@ -203,6 +204,7 @@ def test_runs_without_shift_sample_on_their_schedulers_grid(world, tmp_path, mon
         return real_ode(v, x, sigmas, *a, **k)
 
     monkeypatch.setattr(F, "ode_sample", ode)
+    monkeypatch.setattr(C, "ode_sample", ode)  # the Evaluator's
     model = str(world / "model_shift2")
     if trainer == "grpo":
         import flowopd.trainers.grpo as G
@@ -269,12 +271,12 @@ def _log(out):
 
 def test_factor_average_merge_is_the_mean_of_the_factors_not_of_the_deltas(world, tmp_path):
     from flowopd.trainers.coldstart import lora_delta
-    from flowopd.trainers.sd3_teachers import lora_factors, merge_teachers
+    from flowopd.trainers.sd3_teachers import merge_teachers
 
     b = SD3Backend.from_pretrained(world / "model", dtype="fp32", resolution=32, max_sequence_length=16)
     for n in ("ocr", "pickscore"):
         b.load_lora(n, world / f"teacher_{n}")
-    f = {n: lora_factors(b, n)[0] for n in ("ocr", "pickscore")}
+    f = {n: b.read_lora(n)[0] for n in ("ocr", "pickscore")}
     lora, rank, alpha, _ = merge_teachers(b, ["ocr", "pickscore"], mode="factor_average")
     m = "transformer_blocks.0.attn.to_q"
     (A1, B1), (A2, B2) = f["ocr"][m], f["pickscore"][m]
@@ -455,7 +457,6 @@ def test_deqa_and_unifiedreward_clients_speak_the_authors_server_protocol(monkey
 def test_sft_cold_start_on_sd3(world, tmp_path):
     """init: sft on SD3: each teacher's best-of-2 samples, a student LoRA fit to them by flow matching
     (its training loss falls), saved to out/coldstart and trained on; a rerun on the same --out reuses it."""
-    from flowopd.trainers.sd3_teachers import lora_factors
 
     sft = {"sft_prompts_per_task": 2, "sft_candidates": 2, "sft_sample_steps": 2, "sft_steps": 40, "sft_batch": 4,
            "sft_lr": 1e-2, "sft_rank": 4}
@@ -471,7 +472,7 @@ def test_sft_cold_start_on_sd3(world, tmp_path):
     assert conf["meta"]["method"] == "sft" and conf["adapters"]["student"]["rank"] == 4
     b = SD3Backend.from_pretrained(world / "model", dtype="fp32", resolution=32, max_sequence_length=16)
     b.load_lora("cold", out / "coldstart" / "adapters" / "student")
-    lora = lora_factors(b, "cold")[0]
+    lora = b.read_lora("cold")[0]
     assert any(B.abs().max() > 0 for _, B in lora.values())  # trained away from the gaussian init (B = 0)
     # the run state is there: the same command resumes and reuses the cold start
     before = (out / "coldstart" / "adapters" / "student" / "pytorch_lora_weights.safetensors").read_bytes()

@@ -223,7 +223,6 @@ def test_distill_cli_with_two_teacher_adapters(grpo_run, world, tmp_path):
     teachers, merge cold start (exact: rank 32 + 4), the kl_only rule, MAR, EMA; the teachers' own rewards are
     logged (OCR through tesseract when installed; PickScore on a tiny local CLIP)."""
     from flowopd.trainers.coldstart import lora_delta
-    from flowopd.trainers.sd3_teachers import lora_factors
 
     other = SD3Backend.from_pretrained(world / "model", dtype="fp32", resolution=32, max_sequence_length=16)
     torch.manual_seed(1)
@@ -259,7 +258,7 @@ def test_distill_cli_with_two_teacher_adapters(grpo_run, world, tmp_path):
     b.load_lora("pickscore", tmp_path / "teacher_pick")
     b.load_lora("cold", out / "coldstart" / "adapters" / "student")
     b.load_lora("final", out / "final" / "adapters" / "student")
-    f = {n: lora_factors(b, n) for n in ("ocr", "pickscore", "cold", "final")}
+    f = {n: b.read_lora(n) for n in ("ocr", "pickscore", "cold", "final")}
     m = "transformer_blocks.0.attn.to_q"
 
     def delta(n):

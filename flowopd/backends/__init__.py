@@ -1,4 +1,5 @@
 """Model back ends: the built-in tiny model (toy world) and SD3 through diffusers."""
+from ..config import ConfigError
 from .base import Backend
 from .tiny import TinyBackend, CheckpointError, load_checkpoint, save_checkpoint, resolve_checkpoint
 
@@ -11,14 +12,12 @@ def make_backend(cfg, checkpoint: str | None = None, device=None):
     StableDiffusion3Pipeline directory or hub id) with the config's resolution (None: the pipeline's), dtype,
     mixed_precision, max_sequence_length and gradient_checkpointing; diffusers is imported only here.
     """
-    from ..config import ConfigError
-
     device = str(device if device is not None else cfg.device)
     kind = getattr(cfg, "backend", "tiny")
     if kind == "tiny":
         return load_checkpoint(checkpoint or "base", device)
     if kind == "sd3":
-        from .sd3 import SD3Backend
+        from .sd3 import SD3Backend  # the diffusers back end: loaded only for backend sd3
 
         if not cfg.model:
             raise ConfigError("backend sd3 needs model (a StableDiffusion3Pipeline directory or hub id)")

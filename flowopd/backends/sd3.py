@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..errors import UserError
+from ..lora import Lora, lora_from_state_dict
 
 # Flow-GRPO (scripts/train_sd3.py): LoRA on the joint attention of every MMDiT block, both streams.
 # The image stream's to_q/to_k/to_v/to_out.0 and the text stream's add_{q,k,v}_proj/to_add_out; the
@@ -121,6 +123,9 @@ class SD3Backend:
     """
 
     name = "sd3"
+    stream_noise = False  # noise "auto": per-group generators (GPU rollouts, several processes)
+    pixel_space = False   # latents: decoding goes through the VAE, nothing to clamp
+    default_lora_init = "gaussian"  # peft's init_lora_weights for lora_init "" (Flow-GRPO's)
 
     def __init__(self, transformer, vae, text_encoders=(None, None, None), tokenizers=(None, None, None), *,
                  device: str | torch.device = "cpu", dtype="fp32", vae_dtype="fp32", resolution: int | None = None,
@@ -392,6 +397,29 @@ class SD3Backend:
         self._check(name)
         return self.transformer.peft_config[name]
 
+    def read_lora(self, name: str) -> tuple[Lora, int, float, list[str]]:
+        """Adapter `name` as (lora {module: (A, B)}, rank, alpha, targets)."""
+        c = self.adapter_config(name)
+        if getattr(c, "rank_pattern", None) or getattr(c, "alpha_pattern", None):
+            raise ConfigError(f"adapter {name!r} has per-module ranks or alphas; the merge needs one rank and alpha")
+        return lora_from_state_dict(self.adapter_state_dict(name)), int(c.r), float(c.lora_alpha), sorted(c.target_modules)
+
+    def attach_lora(self, name: str, lora: Lora, rank: int, alpha: float, targets, trainable: bool = True) -> str:
+        """Add `lora` ({module: (A, B)}) as adapter `name` (it becomes active)."""
+        from peft import set_peft_model_state_dict  # heavy (transformers), as in add_adapter
+
+        self.add_adapter(name, rank=rank, alpha=alpha, targets=list(targets), trainable=trainable)
+        sd = {}
+        for m, (A, B) in lora.items():
+            sd[f"{m}.lora_A.weight"] = A.contiguous()
+            sd[f"{m}.lora_B.weight"] = B.contiguous()
+        res = set_peft_model_state_dict(self.transformer, sd, adapter_name=name)
+        bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+        missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
+        if bad or missing:
+            raise ConfigError(f"adapter {name!r} does not fit the transformer: unexpected {bad[:2]}, missing {missing[:2]}")
+        return name
+
     # ---- LoRA files ------------------------------------------------------------------------------
     def save_lora(self, name: str, out: str | Path, is_main_process: bool = True) -> Path:
         """Write adapter `name` in diffusers' LoRA format: out/pytorch_lora_weights.safetensors, keys
@@ -460,10 +488,10 @@ class SD3Backend:
                 "sampling": self.sampling}
 
     def save_checkpoint(self, out: str | Path, adapters: list[str] | None = None, meta: dict | None = None,
-                        is_main_process: bool = True) -> Path:
+                        base: str | Path | None = None, is_main_process: bool = True) -> Path:
         """A flowopd SD3 checkpoint: out/config.json (the base model id, sampling defaults, the adapters
         with rank, alpha and targets) + out/adapters/<name>/ in diffusers' LoRA format. The base
-        weights are not copied: config.json names them."""
+        weights are not copied: config.json names them (`base` is unused: the model id is the base)."""
         out = Path(out)
         names = list(self.adapters if adapters is None else adapters)
         conf = self.config_dict() | {"meta": meta or {}, "adapters": {}}
@@ -476,6 +504,11 @@ class SD3Backend:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(conf, indent=2))
         return out
+
+
+    def save_adapter_checkpoint(self, out: str | Path, name: str, base: str | Path, meta: dict) -> Path:
+        """Adapter `name` alone as a checkpoint (save_checkpoint with that one adapter)."""
+        return self.save_checkpoint(out, adapters=[name], meta=meta, base=base)
 
 
 def load_sd3_checkpoint(path: str | Path, *, device="cpu", dtype="bf16", model: str | None = None,

@@ -8,8 +8,7 @@ defaults, provenance) and ``model.safetensors`` (full weights), plus
 """
 from __future__ import annotations
 
-from flowopd.errors import UserError
-
+import copy
 import json
 from contextlib import contextmanager, nullcontext
 from importlib import resources
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+from ..lora import Lora, lora_from_state_dict, lora_deltas, lora_to_state_dict
 from ..world.render import to_uint8
 from .tiny_model import TinyConfig, TinyUNet, Tokenizer
 
@@ -27,10 +28,6 @@ BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package 
 # config.json["format"] of tiny checkpoints: bumped when a change to the model or the files would make
 # this version misread a checkpoint. Checkpoints from before the key existed are format 1 (same layout).
 FORMAT = 1
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, truncated or from another model."""
 
 
 def shipped_base_dir() -> Path:
@@ -50,6 +47,10 @@ def resolve_checkpoint(name: str | Path) -> Path:
 
 class TinyBackend:
     name = "tiny"
+    # noise "auto" on one CPU process draws from one stream generator (what toy runs always drew)
+    stream_noise = True
+    pixel_space = True          # model space is the image in [-1, 1]: decoding clamps
+    default_lora_init = True    # peft's init_lora_weights for lora_init "" (B = 0)
 
     def __init__(self, model: TinyUNet, device: str | torch.device = "cpu", sampling: dict | None = None):
         self.device = torch.device(device)
@@ -85,15 +86,15 @@ class TinyBackend:
     def net(self):
         return self._peft if self._peft is not None else self.model
 
-    def add_adapter(self, name: str, rank: int = 8, alpha: float | None = None, targets=None, init: bool = True):
-        """Add a named LoRA adapter over the frozen base and make it active."""
-        from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
+    def add_adapter(self, name: str, rank: int = 8, alpha: float | None = None, targets=None, init: bool = True,
+                    trainable: bool = True):
+        """Add a named LoRA adapter over the frozen base and make it active (`trainable`: for the
+        contract's sake; the tiny back end leaves requires_grad to peft and the trainer)."""
+        from peft import LoraConfig, get_peft_model  # peft imports transformers (heavy): only when adapters are used
 
         cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets or LORA_TARGETS,
                          init_lora_weights=init, lora_dropout=0.0)
         if self._peft is None:
-            from peft import get_peft_model
-
             self._peft = get_peft_model(self.model, cfg, adapter_name=name)
         else:
             self._peft.add_adapter(name, cfg)
@@ -124,9 +125,72 @@ class TinyBackend:
             finally:
                 self.set_adapter(prev)
 
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter last selected (peft's active adapter), or None when there are none."""
+        return self._peft.active_adapter if self._peft is not None else None
+
+    def attach_lora(self, name: str, lora: Lora, rank: int, alpha: float, targets: list[str],
+                    trainable: bool = True) -> str:
+        """Add `lora` ({module: (A, B)}) as the named adapter `name` (it becomes the active one).
+        `trainable` is for the contract's sake: the tiny back end leaves requires_grad to the trainer."""
+        from peft import set_peft_model_state_dict  # heavy (transformers): see add_adapter
+
+        self.add_adapter(name, rank=int(rank), alpha=float(alpha), targets=list(targets))
+        res = set_peft_model_state_dict(self._peft, lora_to_state_dict(lora), adapter_name=name)
+        bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+        missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
+        if bad or missing:
+            raise CheckpointError(f"adapter {name!r} does not fit the model: unexpected {bad[:2]}, missing {missing[:2]}")
+        return name
+
+    def read_lora(self, name: str) -> tuple[Lora, int, float, list[str]]:
+        """Adapter `name` read back: (lora, rank, alpha, targets)."""
+        from peft import get_peft_model_state_dict  # heavy (transformers): see add_adapter
+
+        lc = self._peft.peft_config[name]
+        lora = lora_from_state_dict(get_peft_model_state_dict(self._peft, adapter_name=name))
+        return lora, int(lc.r), float(lc.lora_alpha), sorted(lc.target_modules)
+
+    def merged_state_dict(self) -> dict:
+        """Full weights of the base with the active LoRA merged in (the backend is left untouched)."""
+        if self._peft is None:
+            return self.model.state_dict()
+        return copy.deepcopy(self._peft).merge_and_unload().state_dict()
+
     # ---- save / load -----------------------------------------------------------
     def config_dict(self) -> dict:
         return {"backend": "tiny", "format": FORMAT, "model": self.model.cfg.to_dict(), "sampling": self.sampling}
+
+    def save_checkpoint(self, out: str | Path, adapters: list[str] | None = None, meta: dict | None = None,
+                        base: str | Path | None = None) -> Path:
+        """A checkpoint of the model as it computes now: full weights with the active LoRA merged in by
+        peft, plus each of `adapters` alone (adapters/<name>.safetensors, rank/alpha/targets and `base`
+        in config.json["adapters"]). adapters None: every adapter."""
+        out = Path(out)
+        save_checkpoint(self, out, meta, state_dict=self.merged_state_dict())
+        names = list(self.adapters if adapters is None else adapters)
+        if not names:
+            return out
+        from peft import get_peft_model_state_dict  # heavy (transformers): see add_adapter
+
+        (out / "adapters").mkdir(exist_ok=True)
+        conf = json.loads((out / "config.json").read_text())
+        conf["adapters"] = {}
+        for n in names:
+            sd = get_peft_model_state_dict(self._peft, adapter_name=n)
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()},
+                      str(out / "adapters" / f"{n}.safetensors"))
+            lc = self._peft.peft_config[n]
+            conf["adapters"][n] = _adapter_entry(n, int(lc.r), float(lc.lora_alpha), lc.target_modules, base)
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
+        return out
+
+    def save_adapter_checkpoint(self, out: str | Path, name: str, base: str | Path, meta: dict) -> Path:
+        """Adapter `name` as a LoRA checkpoint over `base` (save_lora_checkpoint: the merged weights
+        computed from the factors in float64, not by peft)."""
+        lora, rank, alpha, targets = self.read_lora(name)
+        return save_lora_checkpoint(out, base, name, lora, rank, alpha, targets, meta)
 
 
 def save_checkpoint(backend: TinyBackend, out: str | Path, meta: dict | None = None, state_dict=None) -> Path:
@@ -183,6 +247,40 @@ def load_checkpoint(name: str | Path, device: str = "cpu") -> TinyBackend:
     model.load_state_dict({k: sd[k] for k in own})
     model.eval()
     return TinyBackend(model, device, cfg.get("sampling"))
+
+
+def _adapter_entry(name: str, rank: int, alpha: float, targets, base) -> dict:
+    return {"file": f"adapters/{name}.safetensors", "rank": int(rank), "alpha": float(alpha),
+            "targets": sorted(targets), "base": str(base),
+            "note": "a LoRA over `base`; model.safetensors already holds it merged"}
+
+
+def base_state(base: str | Path = "base") -> dict[str, torch.Tensor]:
+    """Plain (un-wrapped) float32 state dict of a checkpoint's full weights."""
+    return {k: v.float() for k, v in read_weights(resolve_checkpoint(base) / "model.safetensors").items()}
+
+
+def save_dense_checkpoint(out: str | Path, base: str | Path, deltas: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write base + deltas as a full-weight checkpoint (config.json + model.safetensors)."""
+    backend = load_checkpoint(base)
+    sd = base_state(base)
+    for k, d in deltas.items():
+        sd[k] = sd[k] + d.to(sd[k].dtype)
+    return save_checkpoint(backend, out, meta, state_dict=sd)
+
+
+def save_lora_checkpoint(out: str | Path, base: str | Path, name: str, lora: Lora, rank: int, alpha: float,
+                         targets: list[str], meta: dict) -> Path:
+    """A LoRA over `base` as a checkpoint: merged full weights (model.safetensors), the adapter
+    alone (adapters/<name>.safetensors) and its rank/alpha/targets/base in config.json["adapters"]."""
+    out = Path(out)
+    save_dense_checkpoint(out, base, lora_deltas(lora, alpha / rank), meta)
+    (out / "adapters").mkdir(exist_ok=True)
+    save_file(lora_to_state_dict(lora), str(out / "adapters" / f"{name}.safetensors"))
+    conf = json.loads((out / "config.json").read_text())
+    conf["adapters"] = {name: _adapter_entry(name, rank, alpha, targets, base)}
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    return out
 
 
 def autocast(device: torch.device):

@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..world.quality import quality_score
+from ..world.scoring import compose_partial, compose_reward, text_reward
+
 
 def _t(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32))
@@ -31,27 +34,19 @@ def _t(a) -> torch.Tensor:
 
 def compose(images, prompts, metadata=None) -> torch.Tensor:
     """Dense partial-credit composition reward in [0, 1] (see the module doc)."""
-    from ..world.scoring import compose_partial
-
     return _t(compose_partial(images, prompts))
 
 
 def compose_strict(images, prompts, metadata=None) -> torch.Tensor:
     """Strict 0/1 GenEval-style composition correctness (the evaluation metric)."""
-    from ..world.scoring import compose_reward
-
     return _t(compose_reward(images, prompts))
 
 
 def text(images, prompts, metadata=None) -> torch.Tensor:
     """OCR reward: 1 - min(1, edit_distance(read, target) / len(target)) in [0, 1]."""
-    from ..world.scoring import text_reward
-
     return _t(text_reward(images, prompts))
 
 
 def quality(images, prompts=None, metadata=None) -> torch.Tensor:
     """The toy world's learned image-quality score in [0, 1]; ignores the prompt."""
-    from ..world.quality import quality_score
-
     return _t(quality_score(images))

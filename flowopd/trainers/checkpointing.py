@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import shutil
 from ..backends.tiny import CheckpointError
 from ..config import to_dict
 from ..errors import UserError
@@ -72,8 +73,6 @@ def prepare_out(out: str | Path, ident: dict, overwrite: bool = False, resume: b
     Refuses (UserError) a folder that is a file, or that holds another run's run.json unless
     `overwrite` (then that run's states and log, `clear`, are removed), and `resume` without an
     intact state. The same config again means: resume. Writes out/run.json when it is new."""
-    import shutil
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")

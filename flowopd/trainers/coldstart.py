@@ -25,10 +25,10 @@ the adapter alone in adapters/<name>.safetensors with rank/alpha/targets/base in
 config.json["adapters"] (the layout GRPO teachers use), which OPD loads as the student's
 initial adapter on the very base its teachers share.
 
-This module also holds the LoRA algebra the distillation stage reuses: reading teacher
-checkpoints (`read_teacher`), dense deltas of LoRA factors (`lora_delta`), putting a LoRA on a
-backend as a named adapter (`attach_lora`), reading one back (`adapter_lora`), and writing
-checkpoints (`save_lora_checkpoint`, `save_dense_checkpoint`).
+This module also reads teacher checkpoints (`read_teacher`), which the distillation stage reuses.
+The LoRA arithmetic lives in flowopd.lora; putting a LoRA on a model and reading it back are
+Backend methods (`attach_lora`, `read_lora`); the checkpoint writers are the tiny back end's
+(flowopd.backends.tiny: `save_lora_checkpoint`, `save_dense_checkpoint`).
 """
 from __future__ import annotations
 
@@ -43,112 +43,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backends.tiny import (CheckpointError, load_checkpoint, read_weights, resolve_checkpoint,
-                             save_checkpoint)
+from ..rewards import DEFAULT_TASK_REWARDS, get_reward
+from ..sampling import sample_images
+from ..world.prompts import TASKS, sample_prompt
+from ..flow import interpolate
+from ..losses import flow_matching_loss, logit_normal_sigmas
+from ..world.render import to_model_space
+from .common import optimizer_step
+from .checkpointing import RunState, cached, identity, prepare_out
+from .runlog import RunLogger
+from ..backends.tiny import (CheckpointError, base_state, load_checkpoint, read_weights, resolve_checkpoint,
+                             save_dense_checkpoint, save_lora_checkpoint)
 from ..config import ConfigError, build, require, to_dict
-from ..world.prompts import TASKS
-
-PEFT_PREFIX = "base_model.model."
-DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
-
-Lora = dict  # module path (e.g. "down1.conv1") -> (A, B), unscaled factors as peft stores them
+from ..lora import Lora, concat_loras, lora_from_state_dict, lora_delta, lora_deltas, svd_lora  # noqa: F401 (re-exported)
 
 
-# ----------------------------------------------------------------------------- LoRA algebra
 
-
-def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """Dense weight delta of one LoRA module: scale * B @ A, in the shape of the base weight.
-
-    Linear: A (r, in), B (out, r) -> (out, in).
-    Conv2d: A (r, in, kh, kw) (a conv), B (out, r, 1, 1) (a 1x1 conv) -> (out, in, kh, kw):
-            delta[o, i, h, w] = scale * sum_r B[o, r] A[r, i, h, w].
-    """
-    A, B = A.double(), B.double()
-    d = B.flatten(1) @ A.flatten(1)  # (out, in * kh * kw)
-    return (scale * d).view(B.shape[0], *A.shape[1:]).float()
-
-
-def lora_deltas(lora: Lora, scale: float) -> dict[str, Tensor]:
-    """{base weight key ("down1.conv1.weight"): dense delta} of every module of a LoRA."""
-    return {f"{m}.weight": lora_delta(A, B, scale) for m, (A, B) in lora.items()}
-
-
-def from_peft_state(sd: dict[str, Tensor]) -> Lora:
-    """peft adapter state dict ("base_model.model.<module>.lora_A.weight", ...) -> {module: (A, B)}."""
-    out: dict[str, list] = {}
-    for k, v in sd.items():
-        for i, tag in enumerate((".lora_A.weight", ".lora_B.weight")):
-            if k.endswith(tag):
-                m = k[: -len(tag)]
-                m = m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m
-                out.setdefault(m, [None, None])[i] = v.detach().float().cpu()
-    bad = [m for m, ab in out.items() if ab[0] is None or ab[1] is None]
-    if bad:
-        raise CheckpointError(f"LoRA state has A without B (or B without A) for {bad[:3]}")
-    return {m: (a, b) for m, (a, b) in out.items()}
-
-
-def to_peft_state(lora: Lora) -> dict[str, Tensor]:
-    """{module: (A, B)} -> peft adapter state dict keys (what set_peft_model_state_dict loads)."""
-    sd = {}
-    for m, (A, B) in lora.items():
-        sd[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.contiguous()
-        sd[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.contiguous()
-    return sd
-
-
-def concat_loras(loras: list[Lora], scales: list[float], weights: list[float]) -> Lora:
-    """Exact LoRA of the weighted sum of deltas: sum_i w_i s_i B_i @ A_i = B_cat @ A_cat (scale 1).
-
-    A_cat stacks the A_i along the rank axis (dim 0), B_cat the w_i s_i B_i (dim 1); a module a
-    teacher does not adapt gets a zero block of that teacher's rank. Rank = sum_i r_i."""
-    modules = list(dict.fromkeys(m for lo in loras for m in lo))
-    ranks = [next(iter(lo.values()))[0].shape[0] for lo in loras]
-    out = {}
-    for m in modules:
-        A_ref, B_ref = next(lo[m] for lo in loras if m in lo)
-        As, Bs = [], []
-        for lo, r, s, w in zip(loras, ranks, scales, weights):
-            if m in lo:
-                A, B = lo[m]
-                As.append(A)
-                Bs.append(B * (w * s))
-            else:
-                As.append(A_ref.new_zeros((r, *A_ref.shape[1:])))
-                Bs.append(B_ref.new_zeros((B_ref.shape[0], r, *B_ref.shape[2:])))
-        out[m] = (torch.cat(As, 0), torch.cat(Bs, 1))
-    return out
-
-
-def svd_lora(deltas: dict[str, Tensor], modules: list[str], rank: int) -> tuple[Lora, float]:
-    """Best rank-`rank` LoRA (scale 1) of dense deltas on the given modules, by truncated SVD.
-    Returns (lora, relative Frobenius residual over those modules). Used only to start a LoRA
-    student from a dense cold start (full fine-tuned teachers); it is an approximation."""
-    lora, res2, tot2 = {}, 0.0, 0.0
-    for m in modules:
-        d = deltas.get(f"{m}.weight")
-        if d is None:
-            continue
-        M = d.double().flatten(1)  # (out, in*kh*kw)
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        r = min(rank, S.numel())
-        sq = S[:r].sqrt()
-        A = (sq[:, None] * Vh[:r]).float()
-        B = (U[:, :r] * sq[None]).float()
-        if r < rank:  # pad to the common rank with zero blocks
-            A = torch.cat([A, A.new_zeros(rank - r, A.shape[1])])
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], 1)
-        A = A.view(rank, *d.shape[1:])
-        B = B.view(d.shape[0], rank, *([1] * (d.ndim - 2)))
-        lora[m] = (A, B)
-        res2 += float((S[r:] ** 2).sum())
-        tot2 += float((S**2).sum())
-    return lora, math.sqrt(res2 / tot2) if tot2 > 0 else 0.0
+# ----------------------------------------------------------------------------- LoRA on a model
 
 
 def lora_modules_of(backend, targets: list[str]) -> list[str]:
@@ -161,65 +75,6 @@ def lora_modules_of(backend, targets: list[str]) -> list[str]:
         if name and name.split(".")[-1] in targets and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             out.append(name)
     return list(dict.fromkeys(out))
-
-
-# ----------------------------------------------------------------------------- adapters on a backend
-
-
-def attach_lora(backend, name: str, lora: Lora, rank: int, alpha: float, targets: list[str]) -> str:
-    """Add `lora` to `backend` as the named adapter `name` (it becomes the active one)."""
-    from peft import set_peft_model_state_dict
-
-    backend.add_adapter(name, rank=int(rank), alpha=float(alpha), targets=list(targets))
-    res = set_peft_model_state_dict(backend._peft, to_peft_state(lora), adapter_name=name)
-    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
-    missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
-    if bad or missing:
-        raise CheckpointError(f"adapter {name!r} does not fit the model: unexpected {bad[:2]}, missing {missing[:2]}")
-    return name
-
-
-def adapter_lora(backend, name: str) -> tuple[Lora, int, float, list[str]]:
-    """Read the named adapter back: (lora, rank, alpha, targets)."""
-    from peft import get_peft_model_state_dict
-
-    lc = backend._peft.peft_config[name]
-    lora = from_peft_state(get_peft_model_state_dict(backend._peft, adapter_name=name))
-    return lora, int(lc.r), float(lc.lora_alpha), sorted(lc.target_modules)
-
-
-def base_state(base: str | Path = "base") -> dict[str, Tensor]:
-    """Plain (un-wrapped) float32 state dict of a checkpoint's full weights."""
-    return {k: v.float() for k, v in read_weights(resolve_checkpoint(base) / "model.safetensors").items()}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_dense_checkpoint(out: str | Path, base: str | Path, deltas: dict[str, Tensor], meta: dict) -> Path:
-    """Write base + deltas as a full-weight checkpoint (config.json + model.safetensors)."""
-    backend = load_checkpoint(base)
-    sd = base_state(base)
-    for k, d in deltas.items():
-        sd[k] = sd[k] + d.to(sd[k].dtype)
-    return save_checkpoint(backend, out, meta, state_dict=sd)
-
-
-def save_lora_checkpoint(out: str | Path, base: str | Path, name: str, lora: Lora, rank: int, alpha: float,
-                         targets: list[str], meta: dict) -> Path:
-    """A LoRA over `base` as a checkpoint: merged full weights (model.safetensors), the adapter
-    alone (adapters/<name>.safetensors) and its rank/alpha/targets/base in config.json["adapters"]."""
-    out = Path(out)
-    save_dense_checkpoint(out, base, lora_deltas(lora, alpha / rank), meta)
-    (out / "adapters").mkdir(exist_ok=True)
-    save_file(to_peft_state(lora), str(out / "adapters" / f"{name}.safetensors"))
-    conf = json.loads((out / "config.json").read_text())
-    conf["adapters"] = {name: {
-        "file": f"adapters/{name}.safetensors", "rank": int(rank), "alpha": float(alpha),
-        "targets": sorted(targets), "base": str(base),
-        "note": "a LoRA over `base`; model.safetensors already holds it merged"}}
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    return out
 
 
 @dataclass
@@ -286,7 +141,7 @@ def read_teacher(path: str | Path, base: str | Path = "base", name: str | None =
         if a_name is None:
             raise CheckpointError(f"{p} holds adapters {sorted(adapters)}; name one")
         a = adapters[a_name]
-        lora = from_peft_state(read_weights(p / a["file"]))
+        lora = lora_from_state_dict(read_weights(p / a["file"]))
         t = TeacherWeights(name or a_name, p, lora=lora, rank=int(a["rank"]), alpha=float(a["alpha"]),
                            targets=list(a["targets"]), tasks=tasks)
         d = t.deltas()
@@ -410,10 +265,6 @@ def merge(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | 
 def best_samples(teacher_dir, task: str, reward_name: str, cfg: ColdStartConfig, rng: random.Random, seed: int):
     """The teacher's best-of-`sft_candidates` ODE sample for each of `sft_prompts_per_task` train
     prompts of its task -> (prompts, uint8 images (n, 32, 32, 3), stats)."""
-    from ..rewards import get_reward
-    from ..sampling import sample_images
-    from ..world.prompts import sample_prompt
-
     backend = load_checkpoint(teacher_dir, cfg.device)
     reward = get_reward(reward_name)
     prompts = [sample_prompt(rng, task, "train").text for _ in range(cfg.sft_prompts_per_task)]
@@ -430,14 +281,6 @@ def best_samples(teacher_dir, task: str, reward_name: str, cfg: ColdStartConfig,
 
 def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Path, meta: dict) -> Path:
     """SFT cold start: a LoRA on the base fit by flow matching to the teachers' best samples."""
-    from ..flow import interpolate
-    from ..losses import flow_matching_loss, logit_normal_sigmas
-    from ..world.render import to_model_space
-
-    from ..state import fault_point
-    from .checkpointing import RunState, cached
-    from .runlog import RunLogger
-
     out = Path(out)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation (and the teachers' loading) draw from it
     rng = random.Random(cfg.seed)
@@ -483,25 +326,20 @@ def sft(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | Pa
         loss = flow_matching_loss(v, x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if run.update_ok(step, math.isfinite(loss.item()), gnorm):  # else NaN/Inf: skipped (logged)
-            opt.step()
-            fault_point("update", step)
+        optimizer_step(opt, params, run, step, math.isfinite(loss.item()), 1.0)  # NaN/Inf: skipped (logged)
         if step % 10 == 0 or step == 1:
             log.log(step, {"loss": loss.item()})
         bar.set_postfix(loss=f"{loss.item():.4f}")
         run.step_done(step)
     run.finish(step)
     log.close()
-    lora, rank, alpha, targets = adapter_lora(backend, name)
+    lora, rank, alpha, targets = backend.read_lora(name)
     meta = dict(meta, data=data_stats, n_samples=len(prompts))
     return save_lora_checkpoint(out, cfg.base, name, lora, rank, alpha, targets, meta)
 
 
 def sft_rewards(teachers, cfg: ColdStartConfig) -> dict[str, str]:
     """task -> reward name of each teacher's task; unknown tasks or reward names are errors."""
-    from ..rewards import get_reward
-
     rewards = {**DEFAULT_TASK_REWARDS, **cfg.task_rewards}
     for task in teachers:
         if task not in rewards:
@@ -517,7 +355,7 @@ def standin_teacher(out: str | Path, task: str, base: str | Path = "base", rank:
     anything: it stands in for one while real teachers are being trained."""
     backend = load_checkpoint(base)
     backend.add_adapter(task, rank=rank, alpha=rank, targets=targets)
-    lora, r, alpha, tg = adapter_lora(backend, task)
+    lora, r, alpha, tg = backend.read_lora(task)
     g = torch.Generator().manual_seed(seed)
     lora = {m: (torch.randn(A.shape, generator=g) / math.sqrt(A[0].numel()), scale * torch.randn(B.shape, generator=g))
             for m, (A, B) in lora.items()}
@@ -535,8 +373,6 @@ def coldstart(method: str, teachers, out: str | Path, cfg: ColdStartConfig | Non
     teachers: paths (a teacher's task is read from its recipe or adapter name), TASK=PATH items,
     or a {task: path} mapping. An `out` holding this cold start's unfinished sft resumes it;
     another run's is refused unless overwrite. Returns `out` (a checkpoint directory)."""
-    from .checkpointing import identity, prepare_out
-
     cfg = cfg or ColdStartConfig()
     if method not in ("merge", "sft"):
         raise ConfigError(f"unknown cold start method {method!r}; use 'merge' or 'sft'")

@@ -30,13 +30,22 @@ is 1.0, SD3's the scheduler's (3.0 for SD3.5).
 """
 from __future__ import annotations
 
+import json
 import random
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from ..config import require
+from ..flow import ode_sample, sigma_grid
+from ..parallel import Dist, group_noise, param_checksum
+from ..sampling import guided_velocity
+from ..routing import score_all
+from ..rollout import rollout
+from ..config import ConfigError, require
+from ..state import fault_point
 from ..world.prompts import TASKS
 
 BACKENDS = ("tiny", "sd3")
@@ -114,17 +123,14 @@ def lora_init_value(setting: str, backend):
         return "gaussian"
     if setting == "default":
         return True
-    return "gaussian" if getattr(backend, "name", "tiny") == "sd3" else True
+    return backend.default_lora_init
 
 
 def add_trained_adapter(backend, name: str, rank: int, alpha: float, cfg: ModelKeys) -> None:
     """Add the LoRA a trainer trains, active and trainable, on either back end."""
     targets = list(cfg.lora_targets) or None
     init = lora_init_value(cfg.lora_init, backend)
-    if getattr(backend, "name", "tiny") == "sd3":
-        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init, trainable=True)
-    else:
-        backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init)
+    backend.add_adapter(name, rank=rank, alpha=alpha, targets=targets, init=init, trainable=True)
 
 
 class EMA:
@@ -155,6 +161,70 @@ class EMA:
                     p.copy_(v)
 
 
+def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
+    """How many of the n prompts of each batch come from each task (largest remainder)."""
+    s = {t: float(shares.get(t, 1.0)) for t in tasks}
+    total = sum(s.values())
+    if total <= 0:
+        raise ConfigError("task_shares must not all be 0")
+    exact = {t: n * v / total for t, v in s.items()}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+def end_step(step: int, rec: dict, cfg, t0: float, dist, evaluate, logger, save, run, bar) -> bool:
+    """The tail of a GRPO or OPD iteration: evaluate (every eval_every steps, at the last one and at
+    the time limit; the EMA weights when there is one), log, keep a step_* checkpoint (save_every),
+    mark the step done (run state). -> True when max_minutes is spent (every process agrees)."""
+    stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
+    if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+        rec.update(evaluate())
+    if step % cfg.log_every == 0 or step == 1:
+        logger.log(step, rec)
+    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
+        save(f"step_{step:06d}", step)
+    run.step_done(step)
+    if stop:
+        bar.write(f"time limit reached at step {step}")
+    return stop
+
+
+def finish_run(step: int, out: Path, t0: float, dist, run, logger, save, params, summary: dict) -> Path:
+    """The end of a GRPO or OPD run: the final run state and checkpoint (rank 0), out/summary.json
+    (steps, minutes, `summary`, one parameter checksum per process: equal iff the replicas agree).
+    -> out/final."""
+    run.finish(step)
+    final = save("final", step) if dist.is_main else out / "final"
+    logger.close()
+    checksums = dist.gather_list([param_checksum(params)])
+    if dist.is_main:
+        (out / "summary.json").write_text(json.dumps(
+            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), **summary, "processes": dist.world,
+             "param_checksums": checksums}))
+    dist.close()
+    return final
+
+
+def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float, dist=None, ema=None) -> tuple[float, bool]:
+    """The one update every trainer takes once its gradients are accumulated: average them across
+    processes (dist), clip to grad_clip (<= 0: no clipping, the norm is still measured), skip the
+    step on a NaN/Inf loss or gradient (run.update_ok logs it and stops a stream of them), else
+    step the optimizer and the EMA; the gradients are cleared either way. -> (grad norm, stepped)."""
+    if dist is not None:
+        dist.average_gradients(params)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    stepped = run.update_ok(step, loss_ok, gnorm)
+    if stepped:
+        opt.step()
+        if ema is not None:
+            ema.update()
+        fault_point("update", step)
+    opt.zero_grad(set_to_none=True)
+    return gnorm, stepped
+
+
 class Evaluator:
     """Evaluation during training (eval_every): one ODE sample (eval_steps, eval_cfg, the training
     shift) of each test prompt of every task, scored by `reward_fn` (the training reward for GRPO,
@@ -175,10 +245,6 @@ class Evaluator:
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        from ..flow import ode_sample, sigma_grid
-        from ..parallel import group_noise
-        from ..sampling import guided_velocity
-
         b, dev = self.backend, self.backend.device
         mine = self.dist.mine(len(self.items))
         noise = group_noise(self.seed, -1, mine, 1, 0, tuple(b.latent_shape()))[:, 0]  # (n, C, H, W)
@@ -206,8 +272,6 @@ def score_tasks(reward_fns: dict, images, prompts, tasks, metadata, names) -> to
     reward on the samples it can read (flowopd.routing.score_all). Prompts from files: each sample
     scored by its own task's reward only, with its metadata (NaN elsewhere): a GenEval reward cannot
     read an OCR prompt."""
-    from ..routing import score_all
-
     if all(t in TASKS for t in list(tasks) + list(names)):
         return score_all(reward_fns, images, prompts, names)
     out = torch.full((len(prompts), len(names)), float("nan"))
@@ -248,9 +312,6 @@ def rollout_batch(backend, sources, rng, counts: dict, dist, cfg, step: int, gen
     `per_group` (seeded by (seed, iteration, group)), else from `generator`. `window()`, called
     after the draw, gives the SDE steps (None: all); `kw` goes to flowopd.rollout.rollout
     (shared_noise). -> the Rollout."""
-    from ..parallel import group_noise
-    from ..rollout import rollout
-
     prompts, tasks, meta = sources.draw_batch(rng, counts)
     mine = dist.mine(len(prompts))
     noise = group_noise(cfg.seed, step, mine, cfg.group_size, cfg.sample_steps,
@@ -267,8 +328,6 @@ def start_run(cfg):
     an accelerate/torchrun launch), check the batch splits over them, seed torch, set the CPU
     threads. -> (dist, rng: the prompt/step draws, identical on every process, gen: this
     process's noise and shuffles)."""
-    from ..parallel import Dist
-
     dist = Dist.create(cfg.device)
     dist.check_batch(cfg.prompts_per_step)
     torch.manual_seed(cfg.seed)

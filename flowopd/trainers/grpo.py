@@ -94,7 +94,6 @@ writes logs and checkpoints. Batch keys (prompts_per_step, grad_accum) are globa
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -106,20 +105,26 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ..backends import CheckpointError, make_backend, resolve_checkpoint
+from ..backends.tiny import read_weights
+from ..parallel import noise_mode
+from ..prompt_sources import PromptSources
+from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, resolve_backend_keys,
-                     rollout_batch, schedule_counts, start_run)
+from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
+                     resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
+                     end_step, finish_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
+from ..lora import lora_from_state_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
 from ..flow import interpolate, step_kl
-from ..rewards import get_reward, per_task, weighted_sum
+from ..rewards import DEFAULT_TASK_REWARDS, get_reward, per_task, weighted_sum
 from ..rollout import Rollout, transition
 from ..sampling import guided_velocity
-from ..state import atomic_dir, fault_point
+from ..state import atomic_dir
 from ..world.prompts import CATEGORIES
 
-DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
 
 @dataclass
@@ -270,63 +275,16 @@ def make_reward_fn(cfg: GRPOConfig):
     return per_task(tr, cfg.reward_weights)
 
 
-def task_counts(cfg: GRPOConfig) -> dict[str, int]:
-    """How many of the P prompts of each batch come from each task (largest remainder)."""
-    shares = {t: float(cfg.task_shares.get(t, 1.0)) for t in cfg.tasks}
-    total = sum(shares.values())
-    if total <= 0:
-        raise ConfigError("task_shares must not all be 0")
-    exact = {t: cfg.prompts_per_step * s / total for t, s in shares.items()}
-    counts = {t: int(math.floor(x)) for t, x in exact.items()}
-    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: cfg.prompts_per_step - sum(counts.values())]:
-        counts[t] += 1
-    return counts
-
-
-def merged_state_dict(backend) -> dict:
-    """Full weights of the base with the active LoRA merged in (the backend is left untouched)."""
-    if getattr(backend, "_peft", None) is None:
-        return backend.model.state_dict()
-    merged = copy.deepcopy(backend._peft).merge_and_unload()
-    return merged.state_dict()
-
-
 def save_grpo_checkpoint(backend, out: Path, cfg: GRPOConfig, meta: dict) -> Path:
-    """Write a checkpoint: merged full weights (+ the adapter alone for LoRA runs). SD3: the adapter
-    in diffusers' LoRA format with config.json naming the base (SD3Backend.save_checkpoint)."""
-    from safetensors.torch import save_file
-
-    if getattr(backend, "name", "tiny") == "sd3":
-        return backend.save_checkpoint(out, adapters=[cfg.name], meta=meta)
-
-    from ..backends import save_checkpoint
-
-    save_checkpoint(backend, out, meta, state_dict=merged_state_dict(backend))
-    if cfg.finetune == "lora":
-        from peft import get_peft_model_state_dict
-
-        sd = get_peft_model_state_dict(backend._peft, adapter_name=cfg.name)
-        (out / "adapters").mkdir(exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()},
-                  str(out / "adapters" / f"{cfg.name}.safetensors"))
-        conf = json.loads((out / "config.json").read_text())
-        lc = backend._peft.peft_config[cfg.name]
-        conf["adapters"] = {cfg.name: {
-            "file": f"adapters/{cfg.name}.safetensors", "rank": int(lc.r), "alpha": float(lc.lora_alpha),
-            "targets": sorted(lc.target_modules), "base": str(cfg.init),
-            "note": "a LoRA over `base`; model.safetensors already holds it merged"}}
-        (out / "config.json").write_text(json.dumps(conf, indent=2))
-    return out
+    """Write a checkpoint (Backend.save_checkpoint): tiny, merged full weights (+ the adapter alone
+    for LoRA runs); SD3, the adapter in diffusers' LoRA format with config.json naming the base."""
+    return backend.save_checkpoint(out, adapters=[cfg.name] if cfg.finetune == "lora" else [], meta=meta,
+                                   base=cfg.init)
 
 
 def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | None = None) -> str:
     """Add the adapter saved in a GRPO checkpoint to `backend` (which must hold that adapter's
     base weights) under `as_name` (default: its saved name); returns the name. It becomes active."""
-    from peft import set_peft_model_state_dict
-
-    from ..backends import CheckpointError, resolve_checkpoint
-    from ..backends.tiny import read_weights
-
     path = resolve_checkpoint(checkpoint)
     adapters = json.loads((path / "config.json").read_text()).get("adapters") or {}
     if not adapters:
@@ -339,12 +297,8 @@ def load_adapter(backend, checkpoint, name: str | None = None, as_name: str | No
         raise CheckpointError(f"{path} has no adapter {name!r}; it has {sorted(adapters)}")
     a = adapters[name]
     as_name = as_name or name
-    backend.add_adapter(as_name, rank=int(a["rank"]), alpha=float(a["alpha"]), targets=list(a["targets"]))
-    res = set_peft_model_state_dict(backend._peft, read_weights(path / a["file"]), adapter_name=as_name)
-    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
-    if bad:
-        raise CheckpointError(f"{path}: adapter {name!r} does not fit this model ({bad[:2]})")
-    return as_name
+    lora = lora_from_state_dict(read_weights(path / a["file"]))
+    return backend.attach_lora(as_name, lora, int(a["rank"]), float(a["alpha"]), list(a["targets"]))
 
 
 def _policy(backend, prompts: list[str], guidance: float):
@@ -354,37 +308,40 @@ def _policy(backend, prompts: list[str], guidance: float):
     return guided_velocity(backend, cond, uncond, guidance)
 
 
-def grpo_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, kls: list, device):
-    """Flow-GRPO's update on one micro-batch: fn(idx, train_steps, n_in_group) recomputes each
-    trained transition under the current policy, backpropagates the clipped-ratio loss (+ kl_beta *
-    the per-step KL to the base, adapter off) and yields each step's stats."""
-
-    def run(idx, train_steps, n_in_group):
-        for j in train_steps:
-            tr = transition(backend, ro, idx, j)
-            loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device), cfg.clip_range)
-            if cfg.kl_beta > 0:
-                with torch.no_grad(), backend.adapter(None):
-                    ref = transition(backend, ro, idx, j)
-                dt = ro.sigmas[j + 1] - ro.sigmas[j]
-                kl = step_kl(tr.mean, ref.mean, tr.std, dt=dt, normalization=cfg.kl_normalization).mean()
-                loss = loss + cfg.kl_beta * kl
-                kls.append(kl.item())
-            (loss / (len(train_steps) * n_in_group)).backward()
-            yield {k: v.item() for k, v in st.items()} | {"loss": loss.item()}
-
-    return run
+def grpo_step_loss(backend, ro: Rollout, adv, cfg: GRPOConfig, idx, j: int, device):
+    """Flow-GRPO's loss at denoising step j of the samples idx: the transition recomputed under the
+    current policy, the clipped-ratio loss (+ kl_beta * the per-step KL to the base, adapter off).
+    -> (loss, stats, kl or None)."""
+    tr = transition(backend, ro, idx, j)
+    loss, st = grpo_loss(tr.log_prob, ro.log_probs[idx, j].to(device), adv[idx].to(device), cfg.clip_range)
+    kl = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), backend.adapter(None):
+            ref = transition(backend, ro, idx, j)
+        dt = ro.sigmas[j + 1] - ro.sigmas[j]
+        kl = step_kl(tr.mean, ref.mean, tr.std, dt=dt, normalization=cfg.kl_normalization).mean()
+        loss = loss + cfg.kl_beta * kl
+    return loss, st, kl
 
 
-def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen, kls: list):
-    """`objective: nft` on one micro-batch. Draws, once per iteration, K noise levels t (uniform,
-    time-shifted like the sampling grid) and noises for every final sample x0 and records the
-    sampling policy's velocities v_old at x_t = (1 - t) x0 + t noise (no gradients); then
-    fn(idx, _, n_in_group) backpropagates losses.nft_loss with weights r = nft_weights(A) (+ kl_beta
-    * mean (v - v_base)^2, adapter off) and yields each noise level's stats."""
+@dataclass
+class NFTBatch:
+    """`objective: nft`'s draws for one iteration: K noise levels t (uniform, time-shifted like the
+    sampling grid) and noises for every final sample x0, the sampling policy's velocities v_old at
+    x_t = (1 - t) x0 + t noise, and the weights r = nft_weights(A)."""
+
+    x0: torch.Tensor       # (B, C, H, W), CPU
+    t: torch.Tensor        # (B, K)
+    eps: torch.Tensor      # (B, K, C, H, W)
+    v_old: torch.Tensor    # (B, K, C, H, W)
+    weights: torch.Tensor  # (B,)
+
+
+def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) -> NFTBatch:
+    """Draw an iteration's NFT noise levels and noises and record v_old (no gradients)."""
     dev = backend.device
     x0 = ro.final.float()  # (B, C, H, W) on the CPU
-    if getattr(backend, "name", "tiny") == "tiny":
+    if backend.pixel_space:
         x0 = x0.clamp(-1.0, 1.0)  # pixel space: what decoding keeps
     B, K = len(ro), cfg.nft_timesteps
     u = torch.rand((B, K), generator=gen)
@@ -398,25 +355,25 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen, 
             for k in range(K):
                 xt = interpolate(x0[idx], eps[idx, k], t_all[idx, k])
                 v_old[idx, k] = vf(xt.to(dev), t_all[idx, k].to(dev)).float().cpu()
+    return NFTBatch(x0, t_all, eps, v_old, weights)
 
-    def run(idx, _steps, n_in_group):
-        prompts = [ro.prompts[i] for i in idx.tolist()]
-        vf = _policy(backend, prompts, guidance)
-        for k in range(K):
-            t = t_all[idx, k].to(dev)
-            xt = interpolate(x0[idx], eps[idx, k], t_all[idx, k]).to(dev)
-            v = vf(xt, t)
-            loss, st = nft_loss(v, v_old[idx, k].to(dev), (eps[idx, k] - x0[idx]).to(dev), weights[idx], cfg.nft_beta)
-            if cfg.kl_beta > 0:
-                with torch.no_grad(), backend.adapter(None):
-                    v_ref = _policy(backend, prompts, guidance)(xt, t).float()
-                kl = ((v.float() - v_ref) ** 2).mean()
-                loss = loss + cfg.kl_beta * kl
-                kls.append(kl.item())
-            (loss / (K * n_in_group)).backward()
-            yield {k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()}
 
-    return run
+def nft_step_loss(backend, nb: NFTBatch, vf, prompts: list[str], cfg: GRPOConfig, guidance: float, idx, k: int):
+    """losses.nft_loss of the samples idx at their k-th noise level, vf the current policy's
+    velocity field for their prompts (+ kl_beta * mean (v - v_base)^2, adapter off).
+    -> (loss, stats, kl or None)."""
+    dev = backend.device
+    t = nb.t[idx, k].to(dev)
+    xt = interpolate(nb.x0[idx], nb.eps[idx, k], nb.t[idx, k]).to(dev)
+    v = vf(xt, t)
+    loss, st = nft_loss(v, nb.v_old[idx, k].to(dev), (nb.eps[idx, k] - nb.x0[idx]).to(dev), nb.weights[idx], cfg.nft_beta)
+    kl = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), backend.adapter(None):
+            v_ref = _policy(backend, prompts, guidance)(xt, t).float()
+        kl = ((v.float() - v_ref) ** 2).mean()
+        loss = loss + cfg.kl_beta * kl
+    return loss, st, kl
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -426,11 +383,6 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..backends import load_checkpoint
-    from ..parallel import noise_mode, param_checksum
-    from ..prompt_sources import PromptSources
-    from .sd3_teachers import setup_sd3_grpo
-
     out = Path(out)
     t0 = time.time()
     dist, rng, gen = start_run(cfg)
@@ -440,7 +392,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     if cfg.backend == "sd3":
         backend = setup_sd3_grpo(cfg, dist)  # the SD3 base with the trained adapter
     else:
-        backend = load_checkpoint(cfg.init, str(device))
+        backend = make_backend(cfg, cfg.init, device)
         if cfg.finetune == "lora":
             add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
         else:
@@ -453,12 +405,12 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    counts = task_counts(cfg)
+    counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume)
     dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
-    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch, ema) if cfg.eval_every else None
     net = backend.net if hasattr(backend, "net") else backend.model
@@ -515,11 +467,10 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         kls: list[float] = []
         if cfg.objective == "nft":
             # forward process: noise the final samples at K random levels; v_old is the sampling policy's
-            batch_loss = nft_batch(backend, ro, adv, cfg, guidance, gen, kls)
+            nb = nft_batch(backend, ro, adv, cfg, guidance, gen)
         else:
             steps_all = ro.trainable_steps()
             n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
-            batch_loss = grpo_batch(backend, ro, adv, cfg, kls, device)
         stats, n_opt, loss_ok = [], 0, True
         for _ in range(cfg.inner_epochs):
             train_steps = None if cfg.objective != "grpo" else (
@@ -531,20 +482,25 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             order = torch.randperm(len(chunks), generator=gen).tolist()
             opt.zero_grad(set_to_none=True)
             for k, ci in enumerate(order):
+                idx = chunks[ci]
                 n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
-                for st in batch_loss(chunks[ci], train_steps, n_in_group):  # backward inside
-                    stats.append(st)
-                    loss_ok = loss_ok and math.isfinite(st["loss"])
+                if cfg.objective == "nft":
+                    prompts = [ro.prompts[i] for i in idx.tolist()]
+                    vf = _policy(backend, prompts, guidance)  # the prompts encoded once per micro-batch
+                terms = train_steps if cfg.objective == "grpo" else range(cfg.nft_timesteps)
+                for j in terms:  # GRPO: the trained denoising steps; NFT: the K noise levels
+                    if cfg.objective == "grpo":
+                        loss, st, kl = grpo_step_loss(backend, ro, adv, cfg, idx, j, device)
+                    else:
+                        loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, guidance, idx, j)
+                    if kl is not None:
+                        kls.append(kl.item())
+                    (loss / (len(terms) * n_in_group)).backward()
+                    stats.append({k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()})
+                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    dist.average_gradients(params)
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
-                        opt.step()
-                        n_opt += 1
-                        if ema is not None:
-                            ema.update()
-                        fault_point("update", step)
-                    opt.zero_grad(set_to_none=True)
+                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
+                    n_opt += stepped
                     loss_ok = True
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
@@ -572,28 +528,11 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
             "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
             "min": round((time.time() - t0) / 60, 2),
         })
-        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())  # the EMA weights when there is one
-        if step % cfg.log_every == 0 or step == 1:
-            logger.log(step, rec)
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
-            save(f"step_{step:06d}", step)
-        run.step_done(step)
-        if stop:
-            bar.write(f"time limit reached at step {step}")
+        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
             break
-    run.finish(step)
-    final = save("final", step) if dist.is_main else out / "final"
-    logger.close()
-    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
-    if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(
-            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rollouts": step * cfg.samples_per_step,
-             "name": cfg.name, "processes": dist.world, "param_checksums": checksums}))
-    dist.close()
-    return final
+    return finish_run(step, out, t0, dist, run, logger, save, params,
+                      {"rollouts": step * cfg.samples_per_step, "name": cfg.name})
 
 
 def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,

@@ -126,21 +126,28 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ..rollout import Rollout, STEP_FNS, transition
+from ..backends import make_backend
+from ..parallel import Dist, noise_mode
+from .sd3_teachers import setup_sd3_opd
+from ..backends.tiny import LORA_TARGETS
+from ..prompt_sources import PromptSources
+from ..rewards import DEFAULT_TASK_REWARDS, REWARDS, get_reward, per_task
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, resolve_backend_keys, rollout_batch,
-                     schedule_counts, score_tasks, start_run)
+from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, optimizer_step,
+                     resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run,
+                     task_counts, end_step, finish_run)
 from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, _closest, build, load_yaml, require, to_dict
-from ..state import atomic_dir, fault_point
+from ..state import atomic_dir
 from ..flow import step_kl
 from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_stats, grpo_loss, mar_loss,
                       opd_direct_loss, opd_pg_advantages, reward_mode_loss, zero_std_groups)
 from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
-from ..rollout import Rollout, transition
 from ..world.prompts import TASKS
-from .coldstart import (DEFAULT_TASK_REWARDS, ColdStartConfig, adapter_lora, attach_lora, coldstart,
-                        load_teachers, lora_modules_of, read_teacher, resolve_teacher_dir,
-                        save_lora_checkpoint, svd_lora)
+from ..lora import svd_lora
+from .coldstart import (ColdStartConfig, coldstart, load_teachers, lora_modules_of,
+                        read_teacher, resolve_teacher_dir)
 
 STUDENT = "student"
 ANCHOR = "anchor"  # the adapter name of anchor: lora
@@ -279,19 +286,6 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
 # ----------------------------------------------------------------------------- helpers
 
 
-def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
-    """How many of the n prompts of each batch come from each task (largest remainder)."""
-    s = {t: float(shares.get(t, 1.0)) for t in tasks}
-    total = sum(s.values())
-    if total <= 0:
-        raise ConfigError("task_shares must not all be 0")
-    exact = {t: n * v / total for t, v in s.items()}
-    counts = {t: int(exact[t]) for t in tasks}
-    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
-        counts[t] += 1
-    return counts
-
-
 def sampled_log_ratio(x_next, mean_s, mean_t, step_std, dt, normalization: str = "exact"):
     """Single-sample estimate of the per-step KL at the sampled action, (B,):
         log pi_s(x_next) - log pi_t(x_next) = mean_dims ((x_next - mean_t)^2 - (x_next - mean_s)^2) / (2 std^2)
@@ -311,8 +305,6 @@ def step_weights(sigmas, steps: list[int], noise_level: float, method: str = "sd
     10-step grid, so unweighted KLs all but ignore the high-noise steps that lay out the image."""
     if mode == "kl":
         return {j: 1.0 for j in steps}
-    from ..rollout import STEP_FNS
-
     c = {}
     for j in steps:
         x = torch.zeros(1, 1, dtype=torch.float64)
@@ -360,16 +352,11 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
     """Base + teacher adapters + student adapter (+ init anchor) on one backend.
     teachers: load_teachers(cfg.teachers, cfg.base) when already read.
     -> (backend, bank, teacher names, student params, init info)."""
-    from ..backends import load_checkpoint
-    from ..parallel import Dist
-
     dist = dist or Dist.create(cfg.device)  # (the process group is joined once; this finds it again)
     if cfg.backend == "sd3":
-        from .sd3_teachers import setup_sd3_opd
-
         return setup_sd3_opd(cfg, out, dist, STUDENT)
 
-    backend = load_checkpoint(cfg.base, str(dist.device))
+    backend = make_backend(cfg, cfg.base, dist.device)
     teachers = teachers if teachers is not None else load_teachers(cfg.teachers, cfg.base)
     bank = TeacherBank(backend)
     names = list(teachers)
@@ -399,8 +386,6 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
         if init.kind == "lora":
             lora, rank, alpha, targets = init.lora, init.rank, init.alpha, init.targets
         else:
-            from ..backends.tiny import LORA_TARGETS
-
             targets = list(LORA_TARGETS)
             lora, resid = svd_lora(init.dense, lora_modules_of(backend, targets), cfg.student_rank)
             rank, alpha = cfg.student_rank, float(cfg.student_rank)
@@ -409,8 +394,8 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
             warnings.warn(f"cold start {cs} is dense: student LoRA fit by SVD at rank {rank} "
                           f"(relative residual {resid:.3f}; {len(other)} other changed tensors dropped)")
         if cfg.anchor == "init":
-            attach_lora(backend, "init", lora, rank, alpha, targets)
-        attach_lora(backend, STUDENT, lora, rank, alpha, targets)
+            backend.attach_lora("init", lora, rank, alpha, targets)
+        backend.attach_lora(STUDENT, lora, rank, alpha, targets)
     backend.set_adapter(STUDENT)
     params = [p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n]
     for p in params:
@@ -425,10 +410,6 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
     An --out holding this run's state resumes from it; another run's is refused unless overwrite.
     -> out/final."""
-    from ..parallel import noise_mode, param_checksum
-    from ..prompt_sources import PromptSources
-    from ..rewards import REWARDS, get_reward, per_task
-
     out = Path(out)
     t0 = time.time()
     dist, rng, gen = start_run(cfg)
@@ -458,7 +439,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
-    per_group = noise_mode(cfg.noise, backend.name, device, dist.world) == "per_group"
+    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
     grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
                           cfg.micro_batch, ema) if cfg.eval_every else None)
@@ -480,15 +461,9 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     def save(name: str, step: int) -> Path:
         meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
                 "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
-        with ema.applied() if ema is not None else nullcontext():
-            if backend.name == "sd3":  # the student in diffusers' LoRA format, config.json naming the base
-                with atomic_dir(out / name) as tmp:
-                    backend.save_checkpoint(tmp, adapters=[STUDENT], meta=meta)
-                return out / name
-            lora, rank, alpha, targets = adapter_lora(backend, STUDENT)
-            with atomic_dir(out / name) as tmp:
-                save_lora_checkpoint(tmp, cfg.base, STUDENT, lora, rank, alpha, targets, meta)
-            return out / name
+        with ema.applied() if ema is not None else nullcontext(), atomic_dir(out / name) as tmp:
+            backend.save_adapter_checkpoint(tmp, STUDENT, cfg.base, meta)
+        return out / name
 
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
                initial=start, total=cfg.steps, disable=not dist.is_main)
@@ -575,15 +550,8 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                     stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
                     loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
                 if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    dist.average_gradients(params)
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                    if run.update_ok(step, loss_ok, gnorm):  # else a NaN/Inf loss or gradient: skipped (logged)
-                        opt.step()
-                        n_opt += 1
-                        if ema is not None:
-                            ema.update()
-                        fault_point("update", step)
-                    opt.zero_grad(set_to_none=True)
+                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
+                    n_opt += stepped
                     loss_ok = True
 
         # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint; the
@@ -620,28 +588,11 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
                                    zip(names, scaler.state()["mean"], scaler.state()["std"])}
         rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
                     "min": round((time.time() - t0) / 60, 2)})
-        stop = dist.any(bool(cfg.max_minutes) and time.time() - t0 > cfg.max_minutes * 60)
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
-            rec.update(evaluate())  # the EMA weights when there is one
-        if step % cfg.log_every == 0 or step == 1:
-            logger.log(step, rec)
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and dist.is_main:
-            save(f"step_{step:06d}", step)
-        run.step_done(step)
-        if stop:
-            bar.write(f"time limit reached at step {step}")
+        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
             break
-    run.finish(step)
-    final = save("final", step) if dist.is_main else out / "final"
-    logger.close()
-    checksums = dist.gather_list([param_checksum(params)])  # one per process: equal iff replicas agree
-    if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(
-            {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "rule": cfg.rule, "routing": cfg.routing,
-             "beta": cfg.beta, "processes": dist.world, "param_checksums": checksums}))
-    dist.close()
-    return final
+    return finish_run(step, out, t0, dist, run, logger, save, params,
+                      {"rule": cfg.rule, "routing": cfg.routing, "beta": cfg.beta})
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import ConfigError
+
 
 class RunLogger:
     """Appends {"step": n, ...} records to OUT/train_log.jsonl (and OUT/tb when tensorboard is there)."""
@@ -18,7 +20,7 @@ class RunLogger:
         if not tensorboard:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional (tensorboard package), heavy
 
             self.tb = SummaryWriter(str(Path(out) / "tb"))
         except Exception:  # tensorboard is optional
@@ -45,10 +47,8 @@ class RunLogger:
 def _wandb_run(project: str, out: Path, config: dict | None):
     """A wandb run in `project`, named after the --out directory, its files under out/wandb."""
     try:
-        import wandb
+        import wandb  # optional (flowopd[wandb]), heavy: only for wandb: PROJECT
     except ImportError:
-        from ..config import ConfigError
-
         raise ConfigError("wandb: PROJECT needs the wandb package: pip install 'flowopd[wandb]'") from None
     return wandb.init(project=project, name=Path(out).name, dir=str(out), config=config or {})
 

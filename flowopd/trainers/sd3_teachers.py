@@ -10,7 +10,7 @@ A teacher is a LoRA, found at any of:
 
 The OPD student starts from (`init`):
   - merge: the exact weighted sum of the teachers' LoRA deltas, as one LoRA of rank sum(r_i): the
-    factors concatenated along the rank axis (flowopd.trainers.coldstart.concat_loras; the same
+    factors concatenated along the rank axis (flowopd.lora.concat_loras; the same
     algebra as the toy merge), weights from coldstart.weights (default: the mean); it is written to
     OUT/coldstart as a checkpoint;
   - sft: a fresh student LoRA fit by flow matching to the teachers' best samples (sft_coldstart):
@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 from ..config import ConfigError
-from .coldstart import concat_loras, from_peft_state
+from ..lora import concat_loras
 
 
 def resolve_lora(path: str | Path, base_model: str | None = None) -> str | Path:
@@ -71,30 +71,6 @@ def _same_model(a: str, b: str) -> bool | None:
     return a == b
 
 
-def lora_factors(backend, name: str):
-    """Adapter `name` as (lora {module: (A, B)}, rank, alpha, targets)."""
-    c = backend.adapter_config(name)
-    if getattr(c, "rank_pattern", None) or getattr(c, "alpha_pattern", None):
-        raise ConfigError(f"adapter {name!r} has per-module ranks or alphas; the merge needs one rank and alpha")
-    return from_peft_state(backend.adapter_state_dict(name)), int(c.r), float(c.lora_alpha), sorted(c.target_modules)
-
-
-def attach_factors(backend, name: str, lora: dict, rank: int, alpha: float, targets, trainable: bool) -> None:
-    """Add `lora` ({module: (A, B)}) to the SD3 backend as adapter `name` (it becomes active)."""
-    from peft import set_peft_model_state_dict
-
-    backend.add_adapter(name, rank=rank, alpha=alpha, targets=list(targets), trainable=trainable)
-    sd = {}
-    for m, (A, B) in lora.items():
-        sd[f"{m}.lora_A.weight"] = A.contiguous()
-        sd[f"{m}.lora_B.weight"] = B.contiguous()
-    res = set_peft_model_state_dict(backend.transformer, sd, adapter_name=name)
-    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
-    missing = [k for k in getattr(res, "missing_keys", []) if f".{name}." in k and "lora" in k]
-    if bad or missing:
-        raise ConfigError(f"adapter {name!r} does not fit the transformer: unexpected {bad[:2]}, missing {missing[:2]}")
-
-
 def factor_average(loras: list[dict], weights: list[float]) -> dict:
     """The Flow-OPD authors' merge (CostaliyA/Flow-OPD scripts/merge.py, merge_mode "average" /
     "weighted"): each factor averaged on its own, A = sum_i w_i A_i, B = sum_i w_i B_i, at the
@@ -114,7 +90,7 @@ def merge_teachers(backend, names: list[str], weights: list[float] | None = None
     w = list(weights or [1.0 / len(names)] * len(names))
     if len(w) != len(names):
         raise ConfigError(f"coldstart.weights has {len(w)} values for {len(names)} teachers")
-    parts = [lora_factors(backend, n) for n in names]
+    parts = [backend.read_lora(n) for n in names]
     if mode == "factor_average":
         if len({(p[1], p[2]) for p in parts}) != 1:
             raise ConfigError("merge: factor_average needs teachers of one rank and alpha, got "
@@ -156,8 +132,8 @@ def setup_sd3_opd(cfg, out: Path, dist, student: str):
     elif cfg.init == "merge":
         lora, rank, alpha, targets = merge_teachers(backend, names, cfg.coldstart.get("weights"), cfg.merge)
         if cfg.anchor == "init":
-            attach_factors(backend, "init", lora, rank, alpha, targets, trainable=False)
-        attach_factors(backend, student, lora, rank, alpha, targets, trainable=True)
+            backend.attach_lora("init", lora, rank, alpha, targets, trainable=False)
+        backend.attach_lora(student, lora, rank, alpha, targets, trainable=True)
         info["coldstart"] = str(out / "coldstart")
         info["student_rank"] = rank
         backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
@@ -283,4 +259,4 @@ def setup_sd3_grpo(cfg, dist):
     return backend
 
 
-__all__ = ["attach_factors", "factor_average", "lora_factors", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]
+__all__ = ["factor_average", "merge_teachers", "resolve_lora", "setup_sd3_grpo", "setup_sd3_opd"]

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .prompts import COLORS, SHAPES, Prompt, Spec, parse, sample_prompt
 from .quality import DEGRADATIONS, JUNK, degrade, junk, save_model
-from .render import SIZE, draw_objects, draw_text, layout, render, centre, to_model_space, font
+from .render import SIZE, as_uint8_images, draw_objects, draw_text, layout, render, centre, to_model_space, font
 
 WEIGHTS = "features.safetensors"
 FEATURE_DIM = 48
@@ -151,8 +152,6 @@ def weights_path() -> Path:
 @lru_cache(maxsize=None)
 def feature_model() -> FeatureNet:
     """The shipped feature network (loaded once, eval mode, CPU)."""
-    from safetensors.torch import load_file
-
     path = weights_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.fidelity` to train it")
@@ -166,8 +165,6 @@ def feature_model() -> FeatureNet:
 
 def features(images, batch: int = 512) -> np.ndarray:
     """Feature vectors (B, 48) float64 of uint8 images (B, 32, 32, 3) (or model-space floats)."""
-    from .scoring import as_uint8_images
-
     imgs = as_uint8_images(images)
     model = feature_model()
     out = [np.zeros((0, FEATURE_DIM))]

@@ -23,6 +23,7 @@ model-space tensors (B, 3, 32, 32) in [-1, 1].
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import time
@@ -31,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from torch import nn
 
 from .prompts import sample_prompt
-from .render import SIZE, render, to_model_space
+from .render import SIZE, as_uint8_images, render, to_model_space
 
 WEIGHTS = "quality.safetensors"
 DEGRADATIONS = ("blur", "noise", "color", "smear", "block", "fade")
@@ -218,8 +220,6 @@ def weights_path() -> Path:
 
 
 def save_model(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
 
@@ -227,8 +227,6 @@ def save_model(model: nn.Module, path: Path) -> None:
 @lru_cache(maxsize=None)
 def quality_model() -> QualityNet:
     """The shipped quality model (loaded once, eval mode, CPU, no gradients needed)."""
-    from safetensors.torch import load_file
-
     path = weights_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.quality` to train it")
@@ -250,15 +248,11 @@ def quality_score_tensor(x: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _model_on(device: torch.device, dtype: torch.dtype) -> QualityNet:
-    import copy
-
     return copy.deepcopy(quality_model()).to(device=device, dtype=dtype)
 
 
 def quality_score(images, batch: int = 512) -> np.ndarray:
     """Quality in [0, 1] per image: uint8 (B, 32, 32, 3) (or model-space floats) -> (B,)."""
-    from .scoring import as_uint8_images
-
     imgs = as_uint8_images(images)
     model = quality_model()
     out = []

@@ -179,3 +179,26 @@ def to_uint8(x) -> np.ndarray:
         x = x.detach().float().cpu().numpy()
     x = np.clip((np.asarray(x) + 1.0) * 127.5, 0, 255)
     return np.moveaxis(np.rint(x).astype(np.uint8), -3, -1)
+
+
+def as_uint8_images(images) -> np.ndarray:
+    """uint8 (B, 32, 32, 3) from uint8 HWC images, a list of them, or model-space
+    floats (B, 3, 32, 32) in [-1, 1] (numpy or torch)."""
+    if hasattr(images, "detach"):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, (list, tuple)):
+        images = np.stack([as_uint8_images(im)[0] for im in images]) if len(images) else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"expected images (B, 32, 32, 3) or (B, 3, 32, 32), got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] != 3 and x.shape[1] == 3:
+            x = np.moveaxis(x, 1, -1)
+        return np.ascontiguousarray(x)
+    # floats: model space in [-1, 1], channels first unless clearly channels last
+    if x.shape[1] == 3 and x.shape[-1] != 3:
+        x = np.moveaxis(x, 1, -1)
+    x = np.clip((x.astype(np.float64) + 1.0) * 127.5, 0, 255)
+    return np.rint(x).astype(np.uint8)

@@ -77,32 +77,11 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from .prompts import CATEGORIES, COLORS, SHAPES, Prompt, Spec, make_prompt, parse
-from .render import GLYPH_H, GLYPH_W, INK, PALETTE, SIZE, font, footprint, relation_holds, text_layout
+from .quality import quality_score
+from .render import (GLYPH_H, GLYPH_W, INK, PALETTE, SIZE, as_uint8_images, font, footprint,  # noqa: F401
+                     relation_holds, text_layout)  # as_uint8_images: re-exported (its old home)
 
 # ----------------------------------------------------------------------------- images
-
-
-def as_uint8_images(images) -> np.ndarray:
-    """uint8 (B, 32, 32, 3) from uint8 HWC images, a list of them, or model-space
-    floats (B, 3, 32, 32) in [-1, 1] (numpy or torch)."""
-    if hasattr(images, "detach"):
-        images = images.detach().cpu().numpy()
-    if isinstance(images, (list, tuple)):
-        images = np.stack([as_uint8_images(im)[0] for im in images]) if len(images) else np.zeros((0, SIZE, SIZE, 3), np.uint8)
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"expected images (B, 32, 32, 3) or (B, 3, 32, 32), got shape {x.shape}")
-    if x.dtype == np.uint8:
-        if x.shape[-1] != 3 and x.shape[1] == 3:
-            x = np.moveaxis(x, 1, -1)
-        return np.ascontiguousarray(x)
-    # floats: model space in [-1, 1], channels first unless clearly channels last
-    if x.shape[1] == 3 and x.shape[-1] != 3:
-        x = np.moveaxis(x, 1, -1)
-    x = np.clip((x.astype(np.float64) + 1.0) * 127.5, 0, 255)
-    return np.rint(x).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -557,8 +536,6 @@ def task_reward(images, prompts, compose: str = "strict") -> np.ndarray:
     out = np.zeros(len(prompts), dtype=np.float32)
     q_idx = [i for i, p in enumerate(prompts) if p.task == "quality"]
     if q_idx:
-        from .quality import quality_score
-
         out[q_idx] = quality_score(imgs[q_idx])
     for i, p in enumerate(prompts):
         if p.task == "compose":
@@ -613,8 +590,6 @@ def score_images(images, prompts: Sequence[Prompt]) -> dict:
     out["text"] = float(np.mean(texts)) if texts else None
     se["text"] = standard_error(texts)
     if q_idx:
-        from .quality import quality_score
-
         q = quality_score(imgs[q_idx])
         out["quality"] = float(np.mean(q))
         se["quality"] = standard_error(q)
