@@ -21,3 +21,36 @@ def test_debiased_ema_is_the_average_of_the_trained_weights_alone():
         const["w"].lerp_(torch.ones(2, dtype=torch.float64), 1 - d)
     assert torch.allclose(debiased_ema(const, init, d, 5)["w"], torch.ones(2, dtype=torch.float64), atol=1e-12)
     assert debiased_ema(init, init, d, 0)["w"] is init["w"]
+
+
+def test_category_weights_choose_the_pretraining_mix():
+    from flowopd.world.prompts import CATEGORIES, parse
+    from flowopd.trainers.pretrain import build_dataset
+
+    only = {c: 0.0 for c in CATEGORIES} | {"position": 2.0, "color_attr": 1.0}
+    prompts, images = build_dataset(60, 0, 0.0, 1, only)
+    cats = [parse(p).category for p in prompts]
+    assert images.shape == (60, 32, 32, 3) and set(cats) == {"position", "color_attr"}
+    assert cats.count("position") > cats.count("color_attr")
+    # no weights: the uniform draw of before, prompt for prompt
+    assert build_dataset(20, 3, 0.1, 1)[0] == build_dataset(20, 3, 0.1, 1, {})[0]
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
+    import pytest
+
+    from flowopd.backends import load_checkpoint
+    from flowopd.config import ConfigError, load
+    from flowopd.trainers.pretrain import PretrainConfig, pretrain
+
+    tiny = dict(batch_size=4, dataset_size=8, channels=[8, 8, 8], state_every=0, warmup=1)
+    first = pretrain(PretrainConfig(steps=2, **tiny), tmp_path / "a")
+    w0 = load_checkpoint(first).model.state_dict()
+    second = pretrain(PretrainConfig(steps=1, init=str(first), lr=1e-9, **{**tiny, "channels": [16, 16, 16]}),
+                      tmp_path / "b")
+    got = load_checkpoint(second)
+    assert got.model.cfg.channels == (8, 8, 8)  # the checkpoint's model, not the config's channels
+    # one update at lr 1e-9 from the checkpoint's weights: still those weights, to rounding
+    assert all(torch.allclose(v, w0[k], atol=1e-6) for k, v in got.model.state_dict().items())
+    with pytest.raises(ConfigError, match="unknown categories"):
+        load(PretrainConfig, None, ["category_weights={spatial: 2}"])

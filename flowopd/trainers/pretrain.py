@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backends.tiny import TinyBackend, autocast, save_checkpoint
+from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
 from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
 from ..config import require, to_dict
 from .checkpointing import KEEP, NonFiniteError
@@ -53,6 +53,8 @@ class PretrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     text_fraction: float = 0.4  # share of sign prompts; the rest are compose-style
+    category_weights: dict = field(default_factory=dict)  # compose category -> weight of its prompts (default: equal)
+    init: str = ""  # "": random weights; else a checkpoint to continue from ("base", a directory)
     dataset_size: int = 200000
     render_workers: int = 1
     sigma_mean: float = 0.0
@@ -80,26 +82,34 @@ class PretrainConfig:
         require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+        unknown = set(self.category_weights) - set(CATEGORIES)
+        require(not unknown, f"category_weights: unknown categories {sorted(unknown)}; categories are {', '.join(CATEGORIES)}")
+        require(all(w >= 0 for w in self.category_weights.values()) and
+                (not self.category_weights or sum(self.category_weights.get(c, 1.0) for c in CATEGORIES) > 0),
+                "category_weights must be >= 0 and not all 0")
 
 
 def _render_chunk(args):
-    seed, n, text_fraction = args
+    seed, n, text_fraction, weights = args
     rng = random.Random(seed)
     prompts, images = [], []
     for _ in range(n):
         if rng.random() < text_fraction:
             p = sample_prompt(rng, "text", "train")
         else:
-            p = sample_prompt(rng, "compose", "train", rng.choice(CATEGORIES))
+            cat = rng.choices(CATEGORIES, [weights.get(c, 1.0) for c in CATEGORIES])[0] if weights else rng.choice(CATEGORIES)
+            p = sample_prompt(rng, "compose", "train", cat)
         prompts.append(p.text)
         images.append(render(p.spec, rng))
     return prompts, np.stack(images)
 
 
-def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1):
-    """n (prompt, render) pairs of training prompts -> (prompts, uint8 (n,32,32,3))."""
+def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1, weights: dict | None = None):
+    """n (prompt, render) pairs of training prompts -> (prompts, uint8 (n,32,32,3)); compose categories
+    drawn by `weights` (category -> weight, missing ones 1; None or {}: uniform)."""
     chunk = 5000
-    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), text_fraction) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), text_fraction, weights or {})
+            for i in range(math.ceil(n / chunk))]
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs)
@@ -141,7 +151,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     t0 = time.time()
 
     # 0. data
-    prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers)
+    prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers,
+                                    cfg.category_weights)
     tok = Tokenizer()
     ids, slots = tok.batch(prompts)
     null_ids, null_slots = tok.batch([None])
@@ -150,7 +161,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     null_ids, null_slots = null_ids.to(device), null_slots.to(device)
     render_s = time.time() - t0
 
-    model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
+    if cfg.init:  # continued pretraining: the checkpoint's weights and model config
+        model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
+    else:
+        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
