@@ -50,7 +50,8 @@ def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
                       tmp_path / "b")
     got = load_checkpoint(second)
     assert got.model.cfg.channels == (8, 8, 8)  # the checkpoint's model, not the config's channels
-    # one update at lr 1e-9 from the checkpoint's weights: still those weights, to rounding
-    assert all(torch.allclose(v, w0[k], atol=1e-6) for k, v in got.model.state_dict().items())
+    # one update at lr 1e-9 from the checkpoint's weights: still those weights, up to float32 rounding of
+    # the EMA, which debiasing after one update multiplies by 1 / (1 - 0.999) = 1000
+    assert all(torch.allclose(v, w0[k], atol=1e-3) for k, v in got.model.state_dict().items())
     with pytest.raises(ConfigError, match="unknown categories"):
         load(PretrainConfig, None, ["category_weights={spatial: 2}"])

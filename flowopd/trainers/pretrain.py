@@ -125,7 +125,7 @@ def debiased_ema(ema: dict, init: dict, decay: float, updates: int) -> dict:
     c = decay ** updates
     if updates < 1:
         return dict(ema)
-    return {k: (v - c * init[k]) / (1 - c) for k, v in ema.items()}
+    return {k: ((v.double() - c * init[k].double()) / (1 - c)).to(v.dtype) for k, v in ema.items()}
 
 
 def _identity(cfg: PretrainConfig) -> dict:
