@@ -192,15 +192,20 @@ def advantage_groups(mode: str, group_ids, prompts):
     raise ValueError(f"unknown adv_groups {mode!r}, expected draw, prompt or none")
 
 
+def _rewards_by_group(rewards: Tensor, groups) -> tuple[list, dict]:
+    """(each sample's group key, {key: [its rewards in batch order]})."""
+    keys = groups.tolist() if torch.is_tensor(groups) else list(groups)
+    by: dict = {}
+    for k, r in zip(keys, rewards.tolist()):
+        by.setdefault(k, []).append(r)
+    return keys, by
+
+
 def zero_std_groups(rewards: Tensor, groups) -> Tensor:
     """(B,) bool: the sample's group has rewards all equal (zero std), so its group advantage is 0
     and carries no signal (the samples the Flow-OPD authors drop from the update)."""
-    keys = groups.tolist() if torch.is_tensor(groups) else list(groups)
-    first: dict = {}
-    same: dict = {}
-    for k, r in zip(keys, rewards.tolist()):
-        first.setdefault(k, r)
-        same[k] = same.get(k, True) and r == first[k]
+    keys, by = _rewards_by_group(rewards, groups)
+    same = {k: all(x == v[0] for x in v) for k, v in by.items()}
     return torch.tensor([same[k] for k in keys], dtype=torch.bool)
 
 
@@ -208,10 +213,7 @@ def group_reward_stats(rewards: Tensor, groups) -> dict:
     """{"zero_std_ratio": share of groups whose rewards are all equal (no learning signal),
     "reward_std_mean": mean over groups of the rewards' population std}, as Flow-GRPO's
     calculate_zero_std_ratio logs them."""
-    keys = groups.tolist() if torch.is_tensor(groups) else list(groups)
-    by: dict = {}
-    for k, r in zip(keys, rewards.tolist()):
-        by.setdefault(k, []).append(r)
+    _, by = _rewards_by_group(rewards, groups)
     stds = [torch.tensor(v, dtype=torch.float64).std(unbiased=False).item() for v in by.values()]
     zero = [all(x == v[0] for x in v) for v in by.values()]
     return {"zero_std_ratio": sum(zero) / max(1, len(zero)), "reward_std_mean": sum(stds) / max(1, len(stds))}

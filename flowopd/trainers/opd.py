@@ -494,8 +494,8 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
             prompts_all = dist.gather_list(ro.prompts)
             task_adv_all = group_advantages(own, prompts_all, std_scope="batch", clip=None)  # (B,)
             task_adv = dist.local(task_adv_all).to(device)
-            keep = (~zero_std_groups(own, prompts_all)).to(device) if cfg.drop_zero_adv else None
-            keep = None if keep is None else dist.local(keep)
+            keep_all = ~zero_std_groups(own, prompts_all)  # (B,) the samples the zero-advantage drop keeps
+            keep = dist.local(keep_all.to(device)) if cfg.drop_zero_adv else None
 
         # 4. update: per-step KL to the routed teachers (+ MAR) on a subset of the steps
         steps_all = ro.trainable_steps()
@@ -567,7 +567,7 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
             rec.update(group_reward_stats(own, prompts_all))
             rec["task_adv_abs"] = task_adv_all.abs().mean().item()
             if cfg.drop_zero_adv:
-                rec["kept"] = (~zero_std_groups(own, prompts_all)).float().mean().item()
+                rec["kept"] = keep_all.float().mean().item()
         kl_i, mar_i = kl_sum / kl_n.clamp_min(1), mar_sum / mar_n.clamp_min(1)
         rec["kl_teacher"] = kl_i.mean().item()
         if mar_n.sum() > 0:
