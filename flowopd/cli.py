@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 DESCRIPTION = """\
@@ -160,27 +161,37 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowopd", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+def _sampling_flags(sp) -> None:
+    sp.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's, 40)")
+    sp.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
+    sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
-    p.add_argument("--version", action="version", version=f"flowopd {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def sampling_flags(sp):
-        sp.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's, 40)")
-        sp.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
-        sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-        sp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+def _resume_flags(sp) -> None:
+    sp.add_argument("--resume", action="store_true",
+                    help="continue from the last complete checkpoint in OUT/state (an error if there is "
+                         "none); rerunning the same command on the same --out resumes too")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="allow an --out that holds another run's config (its states and log are removed)")
 
-    def resume_flags(sp):
-        sp.add_argument("--resume", action="store_true",
-                        help="continue from the last complete checkpoint in OUT/state (an error if there is "
-                             "none); rerunning the same command on the same --out resumes too")
-        sp.add_argument("--overwrite", action="store_true",
-                        help="allow an --out that holds another run's config (its states and log are removed)")
 
+def _trainer(sub, name: str, func, help: str, description: str, example: str, *, model: bool = False,
+             config_help: str = "YAML config", out_help: str = "output directory; rerunning on the same --out resumes"):
+    """A training subcommand: --config, [--model], --out, --resume/--overwrite, key=value overrides."""
+    sp = sub.add_parser(name, help=help, description=description)
+    sp.add_argument("--config", default=None, help=config_help)
+    if model:
+        sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
+    sp.add_argument("--out", required=True, help=out_help)
+    _resume_flags(sp)
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    sp.set_defaults(func=func)
+    return sp
+
+
+def _world_commands(sub) -> None:
+    """sample, eval, score: the toy world's images and scores."""
     sp = sub.add_parser("sample", help="sample one 32x32 PNG per prompt, plus manifest.jsonl",
                         description="Sample one image per prompt with the ODE sampler and write DIR/0000.png ... "
                                     "and DIR/manifest.jsonl ({prompt, task, file} per line).")
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL ({prompt, task})")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
-    sampling_flags(sp)
+    _sampling_flags(sp)
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("eval", help="evaluate a checkpoint on a split: compose, text, quality, fidelity",
@@ -197,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True, help="checkpoint directory, or 'base'")
     sp.add_argument("--split", default="test", help="test (default) or train")
     sp.add_argument("--out", default=None, help="output directory (default runs/eval-<checkpoint name>)")
-    sampling_flags(sp)
+    _sampling_flags(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("score", help="score the images of DIR/manifest.jsonl with the world's scorers",
@@ -206,32 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", help="folder holding manifest.jsonl and the images")
     sp.set_defaults(func=cmd_score)
 
-    sp = sub.add_parser("pretrain", help="pretrain the tiny base model on the toy world (flow matching)",
-                        description="Train the tiny model from scratch with the flow-matching loss; "
-                                    "configs/toy_pretrain.yaml is the recipe of the shipped base.")
-    sp.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    sp.add_argument("--out", required=True, help="output directory for checkpoints and logs; "
-                                                  "rerunning on the same --out resumes from its last state")
-    resume_flags(sp)
-    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=1000")
-    sp.set_defaults(func=cmd_pretrain)
 
-    sp = sub.add_parser("grpo", help="Flow-GRPO: train a teacher (one reward) or GRPO-Mix (all rewards)",
-                        description="Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs "
-                                    "(train_log.jsonl, tensorboard) and the resolved config go to --out; "
-                                    "OUT/final is the trained model. `objective: nft` swaps the clipped-ratio update for "
-                                    "DiffusionNFT's forward-process loss. Examples: configs/toy_grpo_compose.yaml, "
-                                    "toy_grpo_compose_nft.yaml, toy_grpo_text.yaml, toy_grpo_quality.yaml, "
-                                    "toy_grpo_mix.yaml; on SD3.5: "
-                                    "configs/sd35m_grpo_{ocr,geneval,pickscore}.yaml with --model. Runs on several "
-                                    "GPUs under `accelerate launch -m flowopd grpo ...`.")
-    sp.add_argument("--config", default=None, help="YAML config")
-    sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
-    sp.add_argument("--out", required=True, help="output directory; rerunning on the same --out resumes")
-    resume_flags(sp)
-    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --steps=10")
-    sp.set_defaults(func=cmd_grpo)
-
+def _training_commands(sub) -> None:
+    """pretrain, grpo, coldstart, distill: the method's stages."""
+    _trainer(sub, "pretrain", cmd_pretrain, "pretrain the tiny base model on the toy world (flow matching)",
+             "Train the tiny model from scratch with the flow-matching loss; "
+             "configs/toy_pretrain.yaml is the recipe of the shipped base.", "steps=1000",
+             config_help="YAML config (default: built-in defaults)",
+             out_help="output directory for checkpoints and logs; rerunning on the same --out resumes from its last state")
+    _trainer(sub, "grpo", cmd_grpo, "Flow-GRPO: train a teacher (one reward) or GRPO-Mix (all rewards)",
+             "Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs (train_log.jsonl, tensorboard) "
+             "and the resolved config go to --out; OUT/final is the trained model. `objective: nft` swaps the "
+             "clipped-ratio update for DiffusionNFT's forward-process loss. Examples: configs/toy_grpo_compose.yaml, "
+             "toy_grpo_compose_nft.yaml, toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml; on SD3.5: "
+             "configs/sd35m_grpo_{ocr,geneval,pickscore}.yaml with --model. Runs on several GPUs under "
+             "`accelerate launch -m flowopd grpo ...`.", "--steps=10", model=True)
     sp = sub.add_parser("coldstart", help="cold start for the student: merge teacher deltas, or SFT on their best samples",
                         description="merge: the exact (weighted) average of the teachers' weight deltas (for LoRA, "
                                     "of B @ A). sft: flow-matching fine-tune of the base on each teacher's best "
@@ -242,23 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher checkpoints or GRPO run folders (TASK=DIR to name the task)")
     sp.add_argument("--out", required=True, help="output checkpoint directory; rerunning on the same --out "
                                                   "resumes an interrupted sft")
-    resume_flags(sp)
+    _resume_flags(sp)
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --weights=[0.5,0.25,0.25]")
     sp.set_defaults(func=cmd_coldstart)
+    _trainer(sub, "distill", cmd_distill, "Flow-OPD: on-policy distillation of the teachers into one student, with MAR",
+             "The student samples SDE trajectories for prompts of all tasks; each is routed to a teacher "
+             "(routing=task|reward|soft) that supervises every step (rule=direct|pg, or the Flow-OPD authors' "
+             "kl_only|mixed|task_only), plus beta * KL to the anchor (MAR). Examples: configs/toy_opd_merge.yaml; "
+             "on SD3.5: configs/sd35m_opd.yaml with --model (the authors' kl_only recipe, docs/sd35.md).",
+             "--beta=0 teachers.text=DIR", model=True)
 
-    sp = sub.add_parser("distill", help="Flow-OPD: on-policy distillation of the teachers into one student, with MAR",
-                        description="The student samples SDE trajectories for prompts of all tasks; each is routed "
-                                    "to a teacher (routing=task|reward|soft) that supervises every step (rule=direct|pg, or "
-                                    "the Flow-OPD authors' kl_only|mixed|task_only), plus beta * KL to the anchor "
-                                    "(MAR). Examples: configs/toy_opd_merge.yaml; on SD3.5: configs/sd35m_opd.yaml "
-                                    "with --model (the authors' kl_only recipe, docs/sd35.md).")
-    sp.add_argument("--config", default=None, help="YAML config")
-    sp.add_argument("--model", default=None, help="the model key: an SD3 pipeline directory or hub id (backend: sd3)")
-    sp.add_argument("--out", required=True, help="output directory; rerunning on the same --out resumes")
-    resume_flags(sp)
-    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. --beta=0 teachers.text=DIR")
-    sp.set_defaults(func=cmd_distill)
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowopd", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"flowopd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _world_commands(sub)
+    _training_commands(sub)
     sp = sub.add_parser("run", help="the whole toy pipeline: teachers, GRPO-Mix, cold starts, OPD, eval, report",
                         description="Run every stage in order, each cached in --out: a second run skips what is "
                                     "done and a stopped run resumes at the stage it was in. Writes results.json, "

@@ -26,6 +26,22 @@ def _closest(key: str, valid) -> str:
     return f" (did you mean '{m[0]}'?)" if m else ""
 
 
+def _number(name: str, value, tp):
+    """value as an int (integral floats and numeric strings too) or a float; booleans are refused."""
+    what = "an integer" if tp is int else "a number"
+    if not isinstance(value, bool):
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{name}: expected {what}, got {value!r}")
+
+
 def _coerce(name: str, value, tp):
     """Check/convert value to the annotated type tp, or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -67,30 +83,8 @@ def _coerce(name: str, value, tp):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp in (int, float):
+        return _number(name, value, tp)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -57,6 +57,16 @@ for _name, _factory in _sd3.SD3_REWARDS.items():
     register(_name, _sd3.lazy(_factory))
 
 
+def task_reward_names(tasks, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """task -> the name of its reward: `overrides`, else the toy task's own, else a registered reward
+    of the task's name. A task with none of these is a ConfigError."""
+    names = {**DEFAULT_TASK_REWARDS, **{t: t for t in tasks if t in REWARDS}, **dict(overrides or {})}
+    missing = [t for t in tasks if t not in names]
+    if missing:
+        raise RewardError(f"no reward for task(s) {missing}; set task_rewards")
+    return {t: names[t] for t in tasks}
+
+
 def available() -> list[str]:
     return sorted(REWARDS)
 
@@ -133,4 +143,4 @@ def per_task(task_rewards: Mapping[str, str | Mapping[str, float]], weights: Map
     return routed
 
 
-__all__ = ["REWARDS", "RewardError", "available", "get_reward", "per_task", "register", "weighted_sum"]
+__all__ = ["REWARDS", "RewardError", "available", "get_reward", "per_task", "register", "task_reward_names", "weighted_sum"]

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-import shutil
 from ..backends.tiny import CheckpointError
 from ..config import to_dict
 from ..errors import UserError
@@ -143,6 +144,7 @@ class RunState:
                  extra: dict[str, torch.Tensor] | None = None,
                  generators: dict[str, torch.Generator] | None = None,
                  randoms: dict[str, random.Random] | None = None,
+                 info: Callable[[], dict] | None = None,
                  log_name: str = "train_log.jsonl", root: str = "state", write: bool = True):
         self.out, self.root = Path(out), Path(out) / root
         # write=False: a secondary process of a multi-process run (rank 0 writes the states; every
@@ -151,6 +153,9 @@ class RunState:
         self.params, self.opt, self.ema = params, opt, ema
         self.extra = extra or {}
         self.generators, self.randoms = generators or {}, randoms or {}
+        # info(): JSON the trainer keeps in every state (counters, a scheduler's state); after
+        # resume(), self.info holds the restored one
+        self.info_fn, self.info = info, {}
         self.every, self.max_bad = every, max_bad
         self.log_path = self.out / log_name
         self.logger = None  # anything with .log(step, record); bad steps are logged there
@@ -170,7 +175,7 @@ class RunState:
         tensors.update(opt_t)
         tensors.update(rng_t)
         meta = {"opt": opt_rest, "rng": rng_js, "bad_in_a_row": self.bad, "data_position": step,
-                "params": sorted(self.params), **info}
+                "params": sorted(self.params), "info": self.info_fn() if self.info_fn else {}, **info}
         path = save_state(self.root, step, tensors, meta, keep=KEEP)
         self.saved = step
         return path
@@ -203,6 +208,7 @@ class RunState:
         optimizer_from_flat(self.opt, tensors, meta["opt"])
         restore_rng(tensors, meta["rng"], self.generators, self.randoms)
         self.bad, self.saved = int(meta["bad_in_a_row"]), step
+        self.info = meta.get("info") or {}
         if self.write:
             trim_log(self.log_path, step)
         print(f"resuming from step {step} ({where})", file=sys.stderr)

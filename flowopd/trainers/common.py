@@ -31,6 +31,7 @@ is 1.0, SD3's the scheduler's (3.0 for SD3.5).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -161,6 +162,30 @@ class EMA:
                     p.copy_(v)
 
 
+@dataclass
+class LoopParts:
+    """What a GRPO or OPD run holds from its set-up to its end (the trainers' setup_* build it)."""
+    cfg: object
+    out: Path
+    t0: float
+    dist: Dist
+    rng: random.Random                # prompt, window and step draws (the same on every process)
+    gen: torch.Generator              # this process's noise and shuffles
+    backend: object
+    sources: object                   # the tasks' prompts (PromptSources)
+    params: list                      # the trained tensors
+    opt: torch.optim.Optimizer
+    ema: EMA | None
+    run: object                       # the resumable state (checkpointing.RunState)
+    logger: object
+    evaluate: Evaluator | None
+    counts: dict                      # prompts per task in a mixed batch
+    per_group: bool                   # noise drawn per prompt group (seeded), not from gen
+    grad_accum: int                   # this process's micro-batches per optimizer step
+    guidance: float
+    start: int                        # the last finished iteration (0, or the resumed state's)
+
+
 def task_counts(tasks: list[str], shares: dict, n: int) -> dict[str, int]:
     """How many of the n prompts of each batch come from each task (largest remainder)."""
     s = {t: float(shares.get(t, 1.0)) for t in tasks}
@@ -224,6 +249,30 @@ def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float,
     opt.zero_grad(set_to_none=True)
     return gnorm, stepped
 
+
+
+class Accumulation:
+    """Gradient accumulation of one iteration's update: each micro-batch's terms go backward scaled
+    so that a group of grad_accum micro-batches (the last group may be smaller) sums to its mean;
+    after each group, optimizer_step. Tracks the last gradient norm and the steps taken."""
+
+    def __init__(self, parts: "LoopParts", step: int):
+        self.p, self.step = parts, step
+        self.ok, self.gnorm, self.n_opt = True, 0.0, 0
+
+    def backward(self, loss, n_terms: int, k: int, n_chunks: int) -> None:
+        """loss: one of n_terms terms of the k-th of n_chunks micro-batches."""
+        ga = self.p.grad_accum
+        n_in_group = min(ga, n_chunks - (k // ga) * ga)
+        (loss / (n_terms * n_in_group)).backward()
+        self.ok = self.ok and math.isfinite(loss.item())
+
+    def end_micro_batch(self, k: int, n_chunks: int) -> None:
+        if (k + 1) % self.p.grad_accum == 0 or k == n_chunks - 1:
+            p = self.p
+            self.gnorm, stepped = optimizer_step(p.opt, p.params, p.run, self.step, self.ok, p.cfg.grad_clip, p.dist, p.ema)
+            self.n_opt += stepped
+            self.ok = True
 
 class Evaluator:
     """Evaluation during training (eval_every): one ODE sample (eval_steps, eval_cfg, the training

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
+from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
                      resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
                      end_step, finish_run)
 from .runlog import NullLogger, RunLogger
@@ -379,39 +380,55 @@ def nft_step_loss(backend, nb: NFTBatch, vf, prompts: list[str], cfg: GRPOConfig
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
-    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
-    -> out/final."""
-    out = Path(out)
+@dataclass(kw_only=True)
+class GRPORun(LoopParts):
+    """LoopParts plus GRPO's reward."""
+    reward_fn: object
+
+    def window(self) -> list[int] | None:
+        """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
+        cfg = self.cfg
+        if not cfg.sde_window:
+            return None
+        starts = cfg.sde_window_starts or list(range(cfg.sample_steps - cfg.sde_window + 1))
+        j0 = self.rng.choice(starts)
+        return list(range(j0, j0 + cfg.sde_window))
+
+    def save(self, name: str, step: int) -> Path:
+        """out/name: the policy (its EMA when there is one), then the live weights back."""
+        meta = {"trainer": "grpo", "step": step, "minutes": round((time.time() - self.t0) / 60, 2),
+                "rollouts": step * self.cfg.samples_per_step, "recipe": to_dict(self.cfg)}
+        with self.ema.applied() if self.ema is not None else nullcontext(), atomic_dir(self.out / name) as tmp:
+            save_grpo_checkpoint(self.backend, tmp, self.cfg, meta)
+        return self.out / name
+
+
+def setup_grpo(cfg: GRPOConfig, out: Path, overwrite: bool, resume: bool) -> GRPORun:
+    """Build the policy (the base with the trained adapter, or all its weights), reward, optimizer,
+    EMA and evaluator, prepare --out, resume the newest intact state in out/state (if any), write
+    out/config.yaml. Bad input (checkpoint, reward, prompt files, --out) is refused before anything
+    is written."""
     t0 = time.time()
     dist, rng, gen = start_run(cfg)
-    device = dist.device
-
-    # bad input (checkpoint, reward, prompt files, --out) is refused before anything is written
     if cfg.backend == "sd3":
         backend = setup_sd3_grpo(cfg, dist)  # the SD3 base with the trained adapter
     else:
-        backend = make_backend(cfg, cfg.init, device)
+        backend = make_backend(cfg, cfg.init, dist.device)
         if cfg.finetune == "lora":
             add_trained_adapter(backend, cfg.name, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg)
         else:
             backend.model.requires_grad_(True)
     cfg = resolve_backend_keys(cfg, backend)  # shift, eval_steps: the back end's when unset
     reward_fn = make_reward_fn(cfg)
-    guidance = float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg)
     params = backend.trainable_parameters()
     dist.broadcast_parameters(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
     sources = PromptSources(cfg.tasks, cfg.prompts, cfg.categories)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume)
     dist.barrier()  # the others read out/state only once rank 0 has checked (or cleared) it
-    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
-    grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = Evaluator(backend, sources, reward_fn, cfg, dist, cfg.shift, cfg.micro_batch, ema) if cfg.eval_every else None
     net = backend.net if hasattr(backend, "net") else backend.model
     run = RunState(out, {n: p for n, p in net.named_parameters() if p.requires_grad}, opt,
@@ -421,118 +438,132 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     if dist.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = run.logger = RunLogger(out, wandb=cfg.wandb, config=to_dict(cfg)) if dist.is_main else NullLogger()
+    return GRPORun(cfg=cfg, out=out, t0=t0, dist=dist, rng=rng, gen=gen, backend=backend, reward_fn=reward_fn,
+                   sources=sources, params=params, opt=opt, ema=ema, run=run, logger=logger, evaluate=evaluate,
+                   counts=task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step),
+                   per_group=noise_mode(cfg.noise, backend.stream_noise, dist.device, dist.world) == "per_group",
+                   grad_accum=dist.local_accum(cfg.grad_accum),
+                   guidance=float(backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg), start=start)
 
-    def window(rng) -> list[int] | None:
-        """The SDE steps of this iteration: all (None), or a window at a random allowed start."""
-        if not cfg.sde_window:
-            return None
-        starts = cfg.sde_window_starts or list(range(cfg.sample_steps - cfg.sde_window + 1))
-        j0 = rng.choice(starts)
-        return list(range(j0, j0 + cfg.sde_window))
 
-    def save(name: str, step: int) -> Path:
-        meta = {"trainer": "grpo", "step": step, "minutes": round((time.time() - t0) / 60, 2),
-                "rollouts": step * cfg.samples_per_step, "recipe": to_dict(cfg)}
-        with ema.applied() if ema is not None else nullcontext():  # the EMA weights, then the live ones back
-            with atomic_dir(out / name) as tmp:
-                save_grpo_checkpoint(backend, tmp, cfg, meta)
-        return out / name
-
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, initial=start,
+def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run GRPO; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
+    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
+    -> out/final."""
+    r = setup_grpo(cfg, Path(out), overwrite, resume)
+    cfg, dist = r.cfg, r.dist
+    bar = tqdm(range(r.start + 1, cfg.steps + 1), desc=f"grpo[{cfg.name}]", mininterval=2, initial=r.start,
                total=cfg.steps, disable=not dist.is_main)
-    step = start
+    step = r.start
     for step in bar:
         t_step = time.time()
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
         #    processes every one draws the same P prompts and rolls out its groups (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group,
-                                    window=lambda: window(rng), shared_noise=cfg.shared_noise)
+        counts = schedule_counts(cfg.task_schedule, r.counts, cfg.tasks, cfg.task_shares, step)
+        ro: Rollout = rollout_batch(r.backend, r.sources, r.rng, counts, dist, cfg, step, r.gen, r.guidance,
+                                    r.per_group, window=r.window, shared_noise=cfg.shared_noise)
         t_roll = time.time() - t_step
 
         # 2. reward: score the decoded final images (this process's), gather the global batch
-        images = backend.decode(ro.final)
-        rewards = dist.gather(reward_fn(images, ro.prompts, ro.metadata))  # (B,) all processes
+        rewards = dist.gather(r.reward_fn(r.backend.decode(ro.final), ro.prompts, ro.metadata))  # (B,)
         mine = dist.mine(cfg.prompts_per_step)  # the prompts this process rolled out
         group_ids = dist.gather(torch.tensor(mine)[ro.group_ids])  # (B,) global prompt index
-        if not run.finite(step, "reward", rewards):  # a NaN/Inf reward: no update this iteration (logged)
-            run.step_done(step)
+        if not r.run.finite(step, "reward", rewards):  # a NaN/Inf reward: no update this iteration (logged)
+            r.run.step_done(step)
             continue
 
         # 3. advantages: per-prompt groups, std over the batch (or the group), clipped
         groups = advantage_groups(cfg.adv_groups, group_ids, dist.gather_list(ro.prompts))
         adv_all = group_advantages(rewards, groups, std_scope=cfg.adv_std, clip=cfg.adv_clip)  # (B,)
-        adv = dist.local(adv_all)  # this process's samples
 
-        # 4. update: the objective's loss, accumulated over micro-batches (the rollout's chunks)
-        kls: list[float] = []
-        if cfg.objective == "nft":
-            # forward process: noise the final samples at K random levels; v_old is the sampling policy's
-            nb = nft_batch(backend, ro, adv, cfg, guidance, gen)
-        else:
-            steps_all = ro.trainable_steps()
-            n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
-        stats, n_opt, loss_ok = [], 0, True
-        for _ in range(cfg.inner_epochs):
-            train_steps = None if cfg.objective != "grpo" else (
-                steps_all[:n_train] if cfg.step_selection == "first" else sorted(rng.sample(steps_all, n_train)))
-            if cfg.objective == "grpo":  # the rollout's chunks (exact log-prob recomputation), shuffled
-                chunks = ro.chunks()
-            else:  # nft: micro-batches of samples drawn across the whole batch
-                chunks = list(torch.randperm(len(ro), generator=gen).split(ro.micro_batch or len(ro)))
-            order = torch.randperm(len(chunks), generator=gen).tolist()
-            opt.zero_grad(set_to_none=True)
-            for k, ci in enumerate(order):
-                idx = chunks[ci]
-                n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
-                if cfg.objective == "nft":
-                    prompts = [ro.prompts[i] for i in idx.tolist()]
-                    vf = _policy(backend, prompts, guidance)  # the prompts encoded once per micro-batch
-                terms = train_steps if cfg.objective == "grpo" else range(cfg.nft_timesteps)
-                for j in terms:  # GRPO: the trained denoising steps; NFT: the K noise levels
-                    if cfg.objective == "grpo":
-                        loss, st, kl = grpo_step_loss(backend, ro, adv, cfg, idx, j, device)
-                    else:
-                        loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, guidance, idx, j)
-                    if kl is not None:
-                        kls.append(kl.item())
-                    (loss / (len(terms) * n_in_group)).backward()
-                    stats.append({k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()})
-                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
-                if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
-                    n_opt += stepped
-                    loss_ok = True
+        # 4. update: the objective's loss, accumulated over micro-batches
+        upd = grpo_update(r, ro, dist.local(adv_all), step)
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
-        stats, kls, all_tasks = dist.gather_list(stats), dist.gather_list(kls), dist.gather_list(ro.tasks)
-        rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-               **group_reward_stats(rewards, groups)}
-        for t in dict.fromkeys(all_tasks):
-            r_t = rewards[[i for i, s in enumerate(all_tasks) if s == t]]
-            rec[f"reward/{t}"] = r_t.mean().item()
-            rec[f"reward_std/{t}"] = r_t.std(unbiased=False).item()
-        rec["loss"] = sum(s["loss"] for s in stats) / len(stats)
-        if cfg.objective == "grpo":
-            rec.update({
-                "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
-                "ratio_mean": sum(s["ratio_mean"] for s in stats) / len(stats),
-                "ratio_min": min(s["ratio_min"] for s in stats),
-                "ratio_max": max(s["ratio_max"] for s in stats),
-                "approx_kl": sum(s["approx_kl"] for s in stats) / len(stats),
-            })
-        else:
-            rec.update({k2: sum(s[k2] for s in stats) / len(stats) for k2 in ("fm_mse", "v_shift")})
-        rec.update({
-            "kl_ref": (sum(kls) / len(kls)) if kls else None,
-            "grad_norm": float(gnorm), "opt_steps": n_opt, "adv_abs": adv_all.abs().mean().item(),
-            "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
-            "min": round((time.time() - t0) / 60, 2),
-        })
+        rec = grpo_record(r, upd, rewards, groups, adv_all, dist.gather_list(ro.tasks))
+        rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
+                    "min": round((time.time() - r.t0) / 60, 2)})
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
-        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
+        if end_step(step, rec, cfg, r.t0, dist, r.evaluate, r.logger, r.save, r.run, bar):  # eval, log, save
             break
-    return finish_run(step, out, t0, dist, run, logger, save, params,
+    return finish_run(step, r.out, r.t0, dist, r.run, r.logger, r.save, r.params,
                       {"rollouts": step * cfg.samples_per_step, "name": cfg.name})
+
+
+@dataclass
+class GRPOUpdate:
+    """Phase 4's results: per-term stats, KLs to the base, the last gradient norm, optimizer steps."""
+    stats: list = field(default_factory=list)
+    kls: list = field(default_factory=list)
+    gnorm: float = 0.0
+    n_opt: int = 0
+
+
+def grpo_update(r: GRPORun, ro: Rollout, adv, step: int) -> GRPOUpdate:
+    """inner_epochs passes over micro-batches, one optimizer step per grad_accum of them. GRPO: the
+    rollout's chunks (exact log-prob recomputation) at a subset of the denoising steps, drawn every
+    pass; NFT: micro-batches drawn across the batch at the K noise levels of nft_batch."""
+    cfg, backend = r.cfg, r.backend
+    upd = GRPOUpdate()
+    if cfg.objective == "nft":  # forward process: the final samples noised at K levels; v_old the sampling policy's
+        nb = nft_batch(backend, ro, adv, cfg, r.guidance, r.gen)
+    else:
+        steps_all = ro.trainable_steps()
+        n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
+    acc = Accumulation(r, step)
+    for _ in range(cfg.inner_epochs):
+        if cfg.objective == "grpo":
+            terms = steps_all[:n_train] if cfg.step_selection == "first" else sorted(r.rng.sample(steps_all, n_train))
+            chunks = ro.chunks()
+        else:
+            terms = range(cfg.nft_timesteps)
+            chunks = list(torch.randperm(len(ro), generator=r.gen).split(ro.micro_batch or len(ro)))
+        order = torch.randperm(len(chunks), generator=r.gen).tolist()
+        r.opt.zero_grad(set_to_none=True)
+        for k, ci in enumerate(order):
+            idx = chunks[ci]
+            if cfg.objective == "nft":
+                prompts = [ro.prompts[i] for i in idx.tolist()]
+                vf = _policy(backend, prompts, r.guidance)  # the prompts encoded once per micro-batch
+            for j in terms:  # GRPO: the trained denoising steps; NFT: the K noise levels
+                if cfg.objective == "grpo":
+                    loss, st, kl = grpo_step_loss(backend, ro, adv, cfg, idx, j, r.dist.device)
+                else:
+                    loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, r.guidance, idx, j)
+                if kl is not None:
+                    upd.kls.append(kl.item())
+                acc.backward(loss, len(terms), k, len(order))
+                upd.stats.append({k2: v2.item() for k2, v2 in st.items()} | {"loss": loss.item()})
+            acc.end_micro_batch(k, len(order))
+    upd.gnorm, upd.n_opt = acc.gnorm, acc.n_opt
+    return upd
+
+
+def grpo_record(r: GRPORun, upd: GRPOUpdate, rewards, groups, adv_all, tasks) -> dict:
+    """Phase 5's log record over every process: rewards (overall, per group and per task), the
+    objective's stats, the KL to the base, the gradient norm."""
+    cfg, dist = r.cfg, r.dist
+    stats, kls = dist.gather_list(upd.stats), dist.gather_list(upd.kls)
+    rec = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+           **group_reward_stats(rewards, groups)}
+    for t in dict.fromkeys(tasks):
+        r_t = rewards[[i for i, s in enumerate(tasks) if s == t]]
+        rec[f"reward/{t}"] = r_t.mean().item()
+        rec[f"reward_std/{t}"] = r_t.std(unbiased=False).item()
+    rec["loss"] = sum(s["loss"] for s in stats) / len(stats)
+    if cfg.objective == "grpo":
+        rec.update({
+            "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
+            "ratio_mean": sum(s["ratio_mean"] for s in stats) / len(stats),
+            "ratio_min": min(s["ratio_min"] for s in stats),
+            "ratio_max": max(s["ratio_max"] for s in stats),
+            "approx_kl": sum(s["approx_kl"] for s in stats) / len(stats),
+        })
+    else:
+        rec.update({k: sum(s[k] for s in stats) / len(stats) for k in ("fm_mse", "v_shift")})
+    rec.update({"kl_ref": (sum(kls) / len(kls)) if kls else None, "grad_norm": float(upd.gnorm),
+                "opt_steps": upd.n_opt, "adv_abs": adv_all.abs().mean().item()})
+    return rec
 
 
 def main_grpo(config_path: str | Path | None, out: str | Path, overrides: list[str] | None = None,

@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import warnings
 from contextlib import nullcontext
@@ -132,9 +133,9 @@ from ..parallel import Dist, noise_mode
 from .sd3_teachers import setup_sd3_opd
 from ..backends.tiny import LORA_TARGETS
 from ..prompt_sources import PromptSources
-from ..rewards import DEFAULT_TASK_REWARDS, REWARDS, get_reward, per_task
+from ..rewards import get_reward, per_task, task_reward_names
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Evaluator, ModelKeys, check_schedule, lora_init_value, optimizer_step,
+from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, check_schedule, lora_init_value, optimizer_step,
                      resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run,
                      task_counts, end_step, finish_run)
 from .runlog import NullLogger, RunLogger
@@ -406,25 +407,39 @@ def setup_models(cfg: OPDConfig, out: Path, dist=None, teachers: dict | None = N
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
-    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
-    -> out/final."""
-    out = Path(out)
+@dataclass(kw_only=True)
+class OPDRun(LoopParts):
+    """LoopParts plus OPD's teachers, rewards and MAR anchor."""
+    bank: TeacherBank
+    names: list                       # the teachers' tasks, in W's column order
+    info: dict                        # the cold start, for the log and the checkpoint
+    reward_fns: dict                  # task -> its teacher's reward
+    scaler: RewardScaler
+    anchor: str | None                # the MAR anchor's adapter (None: the base)
+    task_signal: bool                 # the task reward is trained on (mixed, task_only, drop_zero_adv)
+    use_anchor: bool                  # the anchor's means are computed (MAR, or its KL logged)
+
+    def save(self, name: str, step: int) -> Path:
+        """out/name: the student (its EMA when there is one) merged into the base, plus its adapter."""
+        cfg = self.cfg
+        meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - self.t0) / 60, 2),
+                "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": self.info, "recipe": to_dict(cfg)}
+        with self.ema.applied() if self.ema is not None else nullcontext(), atomic_dir(self.out / name) as tmp:
+            self.backend.save_adapter_checkpoint(tmp, STUDENT, cfg.base, meta)
+        return self.out / name
+
+
+def setup_opd(cfg: OPDConfig, out: Path, overwrite: bool, resume: bool) -> OPDRun:
+    """Check the input, prepare --out, build the models, optimizer, EMA and evaluator, resume the
+    newest intact state in out/state (if any), write out/config.yaml."""
     t0 = time.time()
     dist, rng, gen = start_run(cfg)
-    device = dist.device
-
     # bad input (base, teachers, init, rewards, prompt files, --out) is refused before anything is written
     teachers = load_teachers(cfg.teachers, cfg.base) if cfg.backend != "sd3" else None
     if cfg.init not in ("merge", "sft", "none"):
         resolve_teacher_dir(cfg.init)
-    tnames = list(cfg.teachers)
-    reward_names = {**DEFAULT_TASK_REWARDS, **{t: t for t in tnames if t in REWARDS}, **cfg.task_rewards}
-    missing = [t for t in tnames if t not in reward_names]
-    if missing:
-        raise ConfigError(f"no reward for teacher task(s) {missing}; set task_rewards")
-    reward_fns = {t: get_reward(reward_names[t]) for t in tnames}
+    reward_names = task_reward_names(cfg.teachers, cfg.task_rewards)
+    reward_fns = {t: get_reward(reward_names[t]) for t in cfg.teachers}
     sources = PromptSources(cfg.tasks, cfg.prompts)  # (reads and checks prompt files)
     if dist.is_main:
         prepare_out(out, identity(cfg), overwrite, resume, clear=("state", "train_log.jsonl", "coldstart"))
@@ -438,14 +453,8 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    counts = task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step)
-    per_group = noise_mode(cfg.noise, backend.stream_noise, device, dist.world) == "per_group"
-    grad_accum = dist.local_accum(cfg.grad_accum)
     evaluate = (Evaluator(backend, sources, per_task({t: reward_names[t] for t in names}), cfg, dist, cfg.shift,
                           cfg.micro_batch, ema) if cfg.eval_every else None)
-    anchor = {"base": None, "lora": ANCHOR}.get(cfg.anchor, cfg.anchor)
-    task_signal = cfg.rule in ("mixed", "task_only") or cfg.drop_zero_adv  # the task reward is trained on
-    use_anchor = cfg.beta > 0 or cfg.log_anchor_kl
     student = {n: p for n, p in backend.model.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
     run = RunState(out, student, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps,
                    ema=ema.shadow if ema is not None else None,
@@ -456,143 +465,200 @@ def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: 
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = run.logger = RunLogger(out, wandb=cfg.wandb, config=to_dict(cfg)) if dist.is_main else NullLogger()
     logger.log(start, {"setup_min": round((time.time() - t0) / 60, 2), "trainable": sum(p.numel() for p in params),
-                   "teachers": {n: bank.kind[n] for n in names}, **{k: v for k, v in info.items()}})
+                       "teachers": {n: bank.kind[n] for n in names}, **info})
+    return OPDRun(cfg=cfg, out=out, t0=t0, dist=dist, rng=rng, gen=gen, backend=backend, bank=bank, names=names,
+                  params=params, info=info, reward_fns=reward_fns, sources=sources, scaler=scaler, opt=opt, ema=ema, run=run,
+                  logger=logger, evaluate=evaluate, counts=task_counts(cfg.tasks, cfg.task_shares, cfg.prompts_per_step),
+                  per_group=noise_mode(cfg.noise, backend.stream_noise, dist.device, dist.world) == "per_group",
+                  grad_accum=dist.local_accum(cfg.grad_accum), guidance=guidance,
+                  anchor={"base": None, "lora": ANCHOR}.get(cfg.anchor, cfg.anchor),
+                  task_signal=cfg.rule in ("mixed", "task_only") or cfg.drop_zero_adv,
+                  use_anchor=cfg.beta > 0 or cfg.log_anchor_kl, start=start)
 
-    def save(name: str, step: int) -> Path:
-        meta = {"trainer": "opd", "step": step, "minutes": round((time.time() - t0) / 60, 2),
-                "rollouts": step * cfg.prompts_per_step * cfg.group_size, "init": info, "recipe": to_dict(cfg)}
-        with ema.applied() if ema is not None else nullcontext(), atomic_dir(out / name) as tmp:
-            backend.save_adapter_checkpoint(tmp, STUDENT, cfg.base, meta)
-        return out / name
 
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
-               initial=start, total=cfg.steps, disable=not dist.is_main)
-    step = start
+def train_opd(cfg: OPDConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run Flow-OPD; write out/config.yaml, out/train_log.jsonl, out/state, out/final (and out/step_*).
+    An --out holding this run's state resumes from it; another run's is refused unless overwrite.
+    -> out/final."""
+    r = setup_opd(cfg, Path(out), overwrite, resume)
+    cfg, dist = r.cfg, r.dist
+    bar = tqdm(range(r.start + 1, cfg.steps + 1), desc=f"opd[{cfg.rule},{cfg.routing}]", mininterval=2,
+               initial=r.start, total=cfg.steps, disable=not dist.is_main)
+    step = r.start
     for step in bar:
         t_step = time.time()
-        # 1. rollout: prompts of every task in one mixed batch, the student's SDE trajectories; with
-        #    several processes every one draws the same prompts and rolls out its share (mine)
-        ro: Rollout = rollout_batch(backend, sources, rng, schedule_counts(cfg.task_schedule, counts, cfg.tasks, cfg.task_shares, step), dist, cfg, step, gen, guidance, per_group)
+        # 1. rollout: prompts of every task in one mixed batch (or one task's turn), the student's SDE
+        #    trajectories; with several processes every one draws the same prompts and rolls out its share
+        counts = schedule_counts(cfg.task_schedule, r.counts, cfg.tasks, cfg.task_shares, step)
+        ro: Rollout = rollout_batch(r.backend, r.sources, r.rng, counts, dist, cfg, step, r.gen, r.guidance, r.per_group)
         t_roll = time.time() - t_step
 
-        # 2. reward: every teacher task's reward on the samples it can read (logged; task advantages below),
-        #    gathered over the processes
-        images = backend.decode(ro.final)
-        rewards = score_tasks(reward_fns, images, ro.prompts, ro.tasks, ro.metadata, names)  # (b, K), NaN: unread
+        # 2. reward: every teacher task's reward on the samples it can read (NaN: unread), gathered
+        rewards = score_tasks(r.reward_fns, r.backend.decode(ro.final), ro.prompts, ro.tasks, ro.metadata, r.names)
         rewards_all, all_tasks = dist.gather(rewards), dist.gather_list(ro.tasks)  # (B, K), (B,)
 
-        # 3. route: weights (B, K) over the teachers (scaled over the global batch), this process's rows
-        scaled = scaler(rewards_all) if cfg.routing != "task" else None
-        W_all = route(cfg.routing, all_tasks, names, scaled, cfg.soft_temperature)  # (B, K)
-        W = dist.local(W_all)  # (b, K)
-        task_adv = keep = None
-        if task_signal:  # the authors' task advantages: each sample's own task reward, per prompt, batch std
-            own = rewards_all[torch.arange(len(all_tasks)), torch.tensor([names.index(t) for t in all_tasks])]
-            if not run.finite(step, "reward", own):  # a NaN/Inf reward: no update this iteration (logged)
-                run.step_done(step)
-                continue
-            prompts_all = dist.gather_list(ro.prompts)
-            task_adv_all = group_advantages(own, prompts_all, std_scope="batch", clip=None)  # (B,)
-            task_adv = dist.local(task_adv_all).to(device)
-            keep_all = ~zero_std_groups(own, prompts_all)  # (B,) the samples the zero-advantage drop keeps
-            keep = dist.local(keep_all.to(device)) if cfg.drop_zero_adv else None
+        # 3. route: weights (B, K) over the teachers (scaled over the global batch); the authors' task
+        #    advantages when the task reward is trained on
+        scaled = r.scaler(rewards_all) if cfg.routing != "task" else None
+        W_all = route(cfg.routing, all_tasks, r.names, scaled, cfg.soft_temperature)  # (B, K)
+        signal = task_signal(r, ro, rewards_all, all_tasks) if r.task_signal else None
+        if signal is not None and not r.run.finite(step, "reward", signal.own):  # NaN/Inf reward: no update (logged)
+            r.run.step_done(step)
+            continue
 
         # 4. update: per-step KL to the routed teachers (+ MAR) on a subset of the steps
-        steps_all = ro.trainable_steps()
-        n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
-        w_step = step_weights(ro.sigmas, steps_all, cfg.noise_level, cfg.sampler, cfg.kl_normalization, cfg.step_weighting)
-        B = len(ro)
-        kl_sum, kl_n = torch.zeros(B), torch.zeros(B)
-        mar_sum, mar_n = torch.zeros(B), torch.zeros(B)
-        cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
-        stats, n_opt, gnorm, loss_ok = [], 0, 0.0, True
-        chunks = ro.chunks()
-        train_steps = (steps_all[:n_train] if cfg.step_selection == "first"  # the same steps in every inner epoch
-                       else sorted(rng.sample(steps_all, n_train)))
-        for _ in range(cfg.inner_epochs):
-            order = torch.randperm(len(chunks), generator=gen).tolist()
-            opt.zero_grad(set_to_none=True)
-            for k, ci in enumerate(order):
-                idx = chunks[ci]
-                n_in_group = min(grad_accum, len(chunks) - (k // grad_accum) * grad_accum)
-                for j in train_steps:
-                    # teachers (and the anchor) at the student's own states, no gradients, cached
-                    if (ci, j) not in cache:
-                        target = bank.means(ro, idx, j, W[idx], names)
-                        anc = None
-                        if use_anchor:
-                            with torch.no_grad(), bank.use(anchor):
-                                anc = transition(backend, ro, idx, j).mean
-                        cache[(ci, j)] = (target, anc)
-                    target, anc = cache[(ci, j)]
-                    # the student's transition, with gradients
-                    tr = transition(backend, ro, idx, j)
-                    dt = float(ro.sigmas[j + 1] - ro.sigmas[j])
-                    loss, kl, st = opd_step_loss(cfg.rule, tr.mean, tr.log_prob, ro.log_probs[idx, j].to(device),
-                                                 tr.sample, target, tr.std, dt, pg_advantage=cfg.pg_advantage,
-                                                 clip_range=cfg.clip_range, normalization=cfg.kl_normalization,
-                                                 weight=w_step[j], task_adv=None if task_adv is None else task_adv[idx],
-                                                 keep=None if keep is None else keep[idx], kl_scale=cfg.kl_scale,
-                                                 kl_norm=cfg.kl_norm, adv_clip=cfg.adv_clip)
-                    kl_sum[idx] += kl.cpu()
-                    kl_n[idx] += 1
-                    if anc is not None:
-                        mar_kl = step_kl(tr.mean.detach(), anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
-                        mar_sum[idx] += mar_kl.cpu()
-                        mar_n[idx] += 1
-                        if cfg.beta > 0 and keep is None:
-                            loss = loss + w_step[j] * mar_loss(tr.mean, anc, tr.std, cfg.beta, dt=dt,
-                                                               normalization=cfg.kl_normalization)
-                        elif cfg.beta > 0 and bool(keep[idx].any()):  # MAR on the kept samples only
-                            mar = step_kl(tr.mean, anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
-                            loss = loss + w_step[j] * cfg.beta * mar[keep[idx]].mean()
-                    (loss / (len(train_steps) * n_in_group)).backward()
-                    stats.append({k2: v.item() for k2, v in st.items()} | {"loss": loss.item()})
-                    loss_ok = loss_ok and math.isfinite(stats[-1]["loss"])
-                if (k + 1) % grad_accum == 0 or k == len(order) - 1:
-                    gnorm, stepped = optimizer_step(opt, params, run, step, loss_ok, cfg.grad_clip, dist, ema)
-                    n_opt += stepped
-                    loss_ok = True
+        upd = opd_update(r, ro, dist.local(W_all), signal, step)
 
-        # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint; the
-        #    numbers of every process, rank 0 writes
-        stats, ro_tasks, rewards, W = dist.gather_list(stats), all_tasks, rewards_all, W_all
-        kl_sum, kl_n, mar_sum, mar_n = (dist.gather(x) for x in (kl_sum, kl_n, mar_sum, mar_n))
-        rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": gnorm, "opt_steps": n_opt}
-        if cfg.rule != "direct":
-            for key in ("clip_frac", "ratio_mean", "approx_kl"):
-                got = [s[key] for s in stats if key in s]
-                rec[key] = sum(got) / max(1, len(got))
-        if task_signal:
-            rec.update(group_reward_stats(own, prompts_all))
-            rec["task_adv_abs"] = task_adv_all.abs().mean().item()
-            if cfg.drop_zero_adv:
-                rec["kept"] = keep_all.float().mean().item()
-        kl_i, mar_i = kl_sum / kl_n.clamp_min(1), mar_sum / mar_n.clamp_min(1)
-        rec["kl_teacher"] = kl_i.mean().item()
-        if mar_n.sum() > 0:
-            rec["kl_anchor"] = mar_i.mean().item()
-        for t in dict.fromkeys(ro_tasks):
-            rows = [i for i, s in enumerate(ro_tasks) if s == t]
-            rec[f"kl_teacher/{t}"] = kl_i[rows].mean().item()
-            if mar_n.sum() > 0:
-                rec[f"kl_anchor/{t}"] = mar_i[rows].mean().item()
-            if t in names:
-                r = rewards[rows, names.index(t)]
-                rec[f"reward/{t}"] = r[~torch.isnan(r)].mean().item()
-            if cfg.routing != "task":
-                for kk, n in enumerate(names):
-                    rec[f"route/{t}->{n}"] = W[rows, kk].mean().item()
-        if cfg.routing != "task" and cfg.reward_scale == "zscore":
-            rec["reward_stats"] = {n: [round(m, 4), round(s, 4)] for n, m, s in
-                                   zip(names, scaler.state()["mean"], scaler.state()["std"])}
+        # 5. log (per task: KL to its teacher, MAR KL, its own reward; routing shares), checkpoint
+        rec = opd_record(r, upd, rewards_all, all_tasks, W_all, signal)
         rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
-                    "min": round((time.time() - t0) / 60, 2)})
+                    "min": round((time.time() - r.t0) / 60, 2)})
         bar.set_postfix(kl=f"{rec['kl_teacher']:.4f}", mar=f"{rec.get('kl_anchor', 0):.4f}")
-        if end_step(step, rec, cfg, t0, dist, evaluate, logger, save, run, bar):  # eval, log, save
+        if end_step(step, rec, cfg, r.t0, dist, r.evaluate, r.logger, r.save, r.run, bar):  # eval, log, save
             break
-    return finish_run(step, out, t0, dist, run, logger, save, params,
+    return finish_run(step, r.out, r.t0, dist, r.run, r.logger, r.save, r.params,
                       {"rule": cfg.rule, "routing": cfg.routing, "beta": cfg.beta})
+
+
+@dataclass
+class TaskSignal:
+    """The authors' task-reward terms of one iteration (global batch, and this process's rows)."""
+    own: torch.Tensor                 # (B,) each sample's own task reward
+    prompts: list                     # (B,) the prompts, which group the samples
+    adv_all: torch.Tensor             # (B,) per-prompt group advantages, batch std
+    adv: torch.Tensor                 # (b,) this process's
+    keep_all: torch.Tensor            # (B,) samples the zero-advantage drop keeps
+    keep: torch.Tensor | None         # (b,) this process's, when drop_zero_adv
+
+
+def task_signal(r: OPDRun, ro: Rollout, rewards_all, all_tasks) -> TaskSignal:
+    """Each sample's own task reward turned into the authors' per-prompt group advantages."""
+    dist = r.dist
+    own = rewards_all[torch.arange(len(all_tasks)), torch.tensor([r.names.index(t) for t in all_tasks])]
+    prompts_all = dist.gather_list(ro.prompts)
+    adv_all = group_advantages(own, prompts_all, std_scope="batch", clip=None)
+    keep_all = ~zero_std_groups(own, prompts_all)
+    return TaskSignal(own, prompts_all, adv_all, dist.local(adv_all).to(dist.device), keep_all,
+                      dist.local(keep_all.to(dist.device)) if r.cfg.drop_zero_adv else None)
+
+
+@dataclass
+class OPDUpdate:
+    """Phase 4's results: per-sample KL sums to the teacher and the anchor (this process's rows),
+    per-micro-batch stats, the last gradient norm and the optimizer steps taken."""
+    kl_sum: torch.Tensor
+    kl_n: torch.Tensor
+    mar_sum: torch.Tensor
+    mar_n: torch.Tensor
+    stats: list = field(default_factory=list)
+    gnorm: float = 0.0
+    n_opt: int = 0
+
+
+def opd_update(r: OPDRun, ro: Rollout, W, signal: TaskSignal | None, step: int) -> OPDUpdate:
+    """inner_epochs passes over the rollout's micro-batches (shuffled) and a subset of its steps,
+    drawn once per rollout; the teachers' and anchor's means at the stored states are computed once
+    and reused by every pass. One optimizer step per grad_accum micro-batches."""
+    cfg = r.cfg
+    steps_all = ro.trainable_steps()
+    n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
+    w_step = step_weights(ro.sigmas, steps_all, cfg.noise_level, cfg.sampler, cfg.kl_normalization, cfg.step_weighting)
+    B = len(ro)
+    upd = OPDUpdate(torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.zeros(B))
+    cache: dict = {}  # (chunk, step) -> (teacher target mean, anchor mean): states do not change
+    chunks = ro.chunks()
+    train_steps = (steps_all[:n_train] if cfg.step_selection == "first"  # the same steps in every inner epoch
+                   else sorted(r.rng.sample(steps_all, n_train)))
+    acc = Accumulation(r, step)
+    for _ in range(cfg.inner_epochs):
+        order = torch.randperm(len(chunks), generator=r.gen).tolist()
+        r.opt.zero_grad(set_to_none=True)
+        for k, ci in enumerate(order):
+            idx = chunks[ci]
+            for j in train_steps:
+                if (ci, j) not in cache:  # teachers (and the anchor) at the student's own states, no gradients
+                    cache[(ci, j)] = targets(r, ro, idx, j, W)
+                loss = opd_micro_loss(r, ro, idx, j, *cache[(ci, j)], w_step[j], signal, upd)
+                acc.backward(loss, len(train_steps), k, len(order))
+            acc.end_micro_batch(k, len(order))
+    upd.gnorm, upd.n_opt = acc.gnorm, acc.n_opt
+    return upd
+
+
+def targets(r: OPDRun, ro: Rollout, idx, j: int, W):
+    """The routed teachers' transition mean and the anchor's (None when unused) at step j of the
+    samples idx, without gradients."""
+    target = r.bank.means(ro, idx, j, W[idx], r.names)
+    anc = None
+    if r.use_anchor:
+        with torch.no_grad(), r.bank.use(r.anchor):
+            anc = transition(r.backend, ro, idx, j).mean
+    return target, anc
+
+
+def opd_micro_loss(r: OPDRun, ro: Rollout, idx, j: int, target, anc, weight: float, signal: TaskSignal | None,
+                   upd: OPDUpdate):
+    """The student's loss at step j of the samples idx: the rule's term plus MAR (on the kept samples
+    under drop_zero_adv); the KLs to the teacher and the anchor are added to upd's sums."""
+    cfg = r.cfg
+    keep = None if signal is None or signal.keep is None else signal.keep[idx]
+    tr = transition(r.backend, ro, idx, j)  # the student's transition, with gradients
+    dt = float(ro.sigmas[j + 1] - ro.sigmas[j])
+    loss, kl, st = opd_step_loss(cfg.rule, tr.mean, tr.log_prob, ro.log_probs[idx, j].to(r.dist.device),
+                                 tr.sample, target, tr.std, dt, pg_advantage=cfg.pg_advantage,
+                                 clip_range=cfg.clip_range, normalization=cfg.kl_normalization,
+                                 weight=weight, task_adv=None if signal is None else signal.adv[idx],
+                                 keep=keep, kl_scale=cfg.kl_scale, kl_norm=cfg.kl_norm, adv_clip=cfg.adv_clip)
+    upd.kl_sum[idx] += kl.cpu()
+    upd.kl_n[idx] += 1
+    if anc is not None:
+        mar_kl = step_kl(tr.mean.detach(), anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
+        upd.mar_sum[idx] += mar_kl.cpu()
+        upd.mar_n[idx] += 1
+        if cfg.beta > 0 and keep is None:
+            loss = loss + weight * mar_loss(tr.mean, anc, tr.std, cfg.beta, dt=dt, normalization=cfg.kl_normalization)
+        elif cfg.beta > 0 and bool(keep.any()):  # MAR on the kept samples only
+            mar = step_kl(tr.mean, anc, tr.std, dt=dt, normalization=cfg.kl_normalization)
+            loss = loss + weight * cfg.beta * mar[keep].mean()
+    upd.stats.append({k: v.item() for k, v in st.items()} | {"loss": loss.item()})
+    return loss
+
+
+def opd_record(r: OPDRun, upd: OPDUpdate, rewards, tasks, W, signal: TaskSignal | None) -> dict:
+    """Phase 5's log record over every process: loss, the rule's stats, per task the KL to its
+    teacher and the anchor, its own reward and (reward / soft routing) its routing shares."""
+    cfg, dist, names = r.cfg, r.dist, r.names
+    stats = dist.gather_list(upd.stats)
+    kl_sum, kl_n, mar_sum, mar_n = (dist.gather(x) for x in (upd.kl_sum, upd.kl_n, upd.mar_sum, upd.mar_n))
+    rec = {"loss": sum(s["loss"] for s in stats) / len(stats), "grad_norm": upd.gnorm, "opt_steps": upd.n_opt}
+    if cfg.rule != "direct":
+        for key in ("clip_frac", "ratio_mean", "approx_kl"):
+            got = [s[key] for s in stats if key in s]
+            rec[key] = sum(got) / max(1, len(got))
+    if signal is not None:
+        rec.update(group_reward_stats(signal.own, signal.prompts))
+        rec["task_adv_abs"] = signal.adv_all.abs().mean().item()
+        if cfg.drop_zero_adv:
+            rec["kept"] = signal.keep_all.float().mean().item()
+    kl_i, mar_i = kl_sum / kl_n.clamp_min(1), mar_sum / mar_n.clamp_min(1)
+    rec["kl_teacher"] = kl_i.mean().item()
+    if mar_n.sum() > 0:
+        rec["kl_anchor"] = mar_i.mean().item()
+    for t in dict.fromkeys(tasks):
+        rows = [i for i, s in enumerate(tasks) if s == t]
+        rec[f"kl_teacher/{t}"] = kl_i[rows].mean().item()
+        if mar_n.sum() > 0:
+            rec[f"kl_anchor/{t}"] = mar_i[rows].mean().item()
+        if t in names:
+            got = rewards[rows, names.index(t)]
+            rec[f"reward/{t}"] = got[~torch.isnan(got)].mean().item()
+        if cfg.routing != "task":
+            for kk, n in enumerate(names):
+                rec[f"route/{t}->{n}"] = W[rows, kk].mean().item()
+    if cfg.routing != "task" and cfg.reward_scale == "zscore":
+        rec["reward_stats"] = {n: [round(m, 4), round(s, 4)] for n, m, s in
+                               zip(names, r.scaler.state()["mean"], r.scaler.state()["std"])}
+    return rec
 
 
 # ----------------------------------------------------------------------------- entry point

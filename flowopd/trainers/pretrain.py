@@ -35,8 +35,10 @@ from tqdm import tqdm
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
 from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
 from ..config import require, to_dict
-from .checkpointing import KEEP, NonFiniteError
-from ..state import check_out_dir, latest_state, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_state, save_state
+from .checkpointing import RunState
+from .common import EMA, optimizer_step
+from .runlog import RunLogger
+from ..state import check_out_dir
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
 from ..world.prompts import CATEGORIES, sample_prompt
@@ -136,13 +138,43 @@ def _identity(cfg: PretrainConfig) -> dict:
     return d
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
-    out = Path(out)
+def _prepare_out(cfg: PretrainConfig, out: Path, overwrite: bool) -> None:
+    """Refuse another run's --out (unless overwrite, which also drops that run's state); record ours."""
     check_out_dir(out, _identity(cfg), overwrite, "run.json")
     if overwrite and (out / "run.json").is_file() and json.loads((out / "run.json").read_text()) != _identity(cfg):
         shutil.rmtree(out / "state", ignore_errors=True)  # another run's state must not be resumed
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(_identity(cfg)))
+
+
+class Batches:
+    """The rendered training set on the device, and the batches drawn from it (prompt dropout for CFG)."""
+
+    def __init__(self, cfg: PretrainConfig, device):
+        prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers,
+                                        cfg.category_weights)
+        tok = Tokenizer()
+        self.ids, self.slots = (t.to(device) for t in tok.batch(prompts))
+        self.null_ids, self.null_slots = (t.to(device) for t in tok.batch([None]))
+        self.x = torch.from_numpy(to_model_space(images)).to(device)
+        self.batch_size, self.p_uncond, self.device = cfg.batch_size, cfg.p_uncond, device
+
+    def draw(self, gen):
+        """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL."""
+        n, dev = self.batch_size, self.device
+        idx = torch.randint(0, self.x.shape[0], (n,), device=dev, generator=gen)
+        ids, slots = self.ids[idx], self.slots[idx]
+        drop = torch.rand(n, device=dev, generator=gen) < self.p_uncond
+        ids = torch.where(drop[:, None], self.null_ids.expand_as(ids), ids)
+        slots = torch.where(drop[:, None], self.null_slots.expand_as(slots), slots)
+        return self.x[idx], ids, slots
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
+    """Pretrain (or continue, `init`) the tiny model; write out/run.json, out/train_log.jsonl,
+    out/state, out/final (and out/step_* at save_at). A rerun on the same --out resumes. -> out/final."""
+    out = Path(out)
+    _prepare_out(cfg, out, overwrite)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -150,118 +182,75 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.time()
 
-    # 0. data
-    prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers,
-                                    cfg.category_weights)
-    tok = Tokenizer()
-    ids, slots = tok.batch(prompts)
-    null_ids, null_slots = tok.batch([None])
-    x_all = torch.from_numpy(to_model_space(images)).to(device)
-    ids, slots = ids.to(device), slots.to(device)
-    null_ids, null_slots = null_ids.to(device), null_slots.to(device)
+    # 0. data: renders of training prompts, made once
+    data = Batches(cfg, device)
     render_s = time.time() - t0
-
     if cfg.init:  # continued pretraining: the checkpoint's weights and model config
         model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
     else:
         model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
+    params = dict(model.named_parameters())
+    ema = EMA(params.values(), cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    backend = TinyBackend(ema, device, {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift})
-    log = open(out / "train_log.jsonl", "a")
+    counts = {"loss_avg": None, "ema_updates": 0}  # kept in the run state with the scheduler's
+    run = RunState(out, params, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps, ema=ema.shadow,
+                   generators={"data": gen}, info=lambda: {"sched": sched.state_dict(), **counts})
+    start = run.resume()
+    if start:
+        sched.load_state_dict(run.info["sched"])
+        counts.update({k: run.info[k] for k in counts})
+    run.logger = logger = RunLogger(out, tensorboard=False)
 
     def save(step: int, name: str):
-        meta = {"step": step, "seed": cfg.seed, "recipe": {k: v for k, v in vars(cfg).items()},
+        """The EMA weights, debiased (its share of the random initial weights removed)."""
+        meta = {"step": step, "seed": cfg.seed, "recipe": to_dict(cfg),
                 "minutes": round((time.time() - t0) / 60, 2), "device": str(device),
                 "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-        save_checkpoint(backend, out / name, meta, debiased_ema(ema.state_dict(), init, cfg.ema_decay, ema_updates))
-
-    def save_run_state(step: int):
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        opt_t, opt_rest = optimizer_to_flat(opt)
-        rng_t, rng_js = rng_state({"data": gen})
-        tensors.update(opt_t)
-        tensors.update(rng_t)
-        save_state(out / "state", step, tensors, {"opt": opt_rest, "rng": rng_js, "sched": sched.state_dict(),
-                                                   "loss_avg": loss_avg, "bad": bad,
-                                                   "ema_updates": ema_updates}, keep=KEEP)
-
-    start, loss_avg, bad, ema_updates = 0, None, 0, 0
-    found = latest_state(out / "state", log=lambda m: print(m, file=sys.stderr))
-    if found:
-        start, tensors, meta = found
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        optimizer_from_flat(opt, tensors, meta["opt"])
-        sched.load_state_dict(meta["sched"])
-        restore_rng(tensors, meta["rng"], {"data": gen})
-        loss_avg, bad = meta["loss_avg"], meta["bad"]
-        ema_updates = meta.get("ema_updates", start)  # states written before the count was kept: no skipped steps
-        print(f"resuming from step {start} ({out / 'state'})", file=sys.stderr)
+        shadow = dict(zip(params, ema.shadow))
+        sampling = {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift}
+        backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
+        save_checkpoint(backend, out / name, meta, debiased_ema(shadow, init, cfg.ema_decay, counts["ema_updates"]))
 
     save_at = set(cfg.save_at)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", mininterval=2, initial=start, total=cfg.steps)
     step = start
     for step in bar:
         # 1. batch, prompt dropout
-        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), device=device, generator=gen)
-        x0 = x_all[idx]
-        b_ids, b_slots = ids[idx], slots[idx]
-        drop = torch.rand(cfg.batch_size, device=device, generator=gen) < cfg.p_uncond
-        b_ids = torch.where(drop[:, None], null_ids.expand_as(b_ids), b_ids)
-        b_slots = torch.where(drop[:, None], null_slots.expand_as(b_slots), b_slots)
+        x0, ids, slots = data.draw(gen)
         # 2. noise level and interpolation
         sigma = logit_normal_sigmas(cfg.batch_size, cfg.sigma_mean, cfg.sigma_std, generator=gen, device=device)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         x = interpolate(x0, noise, sigma)
-        # 3. velocity regression
+        # 3. velocity regression; the shared optimizer step (clip, skip non-finite, EMA)
         with autocast(device):
-            v = model(x, sigma, model.encode(b_ids, b_slots))
+            v = model(x, sigma, model.encode(ids, slots))
         loss = flow_matching_loss(v.float(), x0, noise)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-            # a NaN/Inf loss or gradient: skip this update, stop after too many in a row
-            bad += 1
-            cause = "loss" if not torch.isfinite(loss) else "gradient"
-            log.write(json.dumps({"step": step, "skipped": f"non-finite {cause}", "in_a_row": bad}) + "\n")
-            log.flush()
-            bar.write(f"step {step}: non-finite {cause}, update skipped ({bad} in a row)")
-            if bad >= cfg.max_bad_steps:
-                save_run_state(step - 1)
-                raise NonFiniteError(f"stopped at step {step}: {bad} non-finite updates in a row "
-                                     f"(last good state saved in {out / 'state'})")
-            continue
-        bad = 0
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
-        ema_updates += 1
+        _, stepped = optimizer_step(opt, list(params.values()), run, step, bool(torch.isfinite(loss)), cfg.grad_clip,
+                                    ema=ema)
+        if stepped:
+            sched.step()
+            counts["ema_updates"] += 1
         # 4. log, save
-        lv = loss.item() if step % 10 == 0 or step == 1 else None
-        if lv is not None:
-            loss_avg = lv if loss_avg is None else 0.9 * loss_avg + 0.1 * lv
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step % 10 == 0 or step == 1:
+            lv = loss.item()
+            counts["loss_avg"] = lv if counts["loss_avg"] is None else 0.9 * counts["loss_avg"] + 0.1 * lv
+            bar.set_postfix(loss=f"{counts['loss_avg']:.4f}")
         if step % cfg.log_every == 0:
-            log.write(json.dumps({"step": step, "loss": loss_avg, "min": round((time.time() - t0) / 60, 2)}) + "\n")
-            log.flush()
+            logger.log(step, {"loss": counts["loss_avg"], "min": round((time.time() - t0) / 60, 2)})
         if step in save_at:
             save(step, f"step_{step:06d}")
-        if cfg.state_every and step % cfg.state_every == 0:
-            save_run_state(step)
+        run.step_done(step)
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             bar.write(f"time limit reached at step {step}")
             break
-    if cfg.state_every and step % cfg.state_every:
-        save_run_state(step)
+    run.finish(step)
     save(step, "final")
+    logger.close()
     (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
-                                                   "render_seconds": round(render_s, 1), "loss": loss_avg}))
+                                                   "render_seconds": round(render_s, 1), "loss": counts["loss_avg"]}))
     return out / "final"
+

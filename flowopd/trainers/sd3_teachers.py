@@ -26,11 +26,24 @@ The MAR anchor of `anchor: lora` (anchor_lora) is one more frozen adapter, `anch
 from __future__ import annotations
 
 import json
+import math
+import random
 import warnings
 from pathlib import Path
 
-from ..config import ConfigError
+import torch
+
+from ..backends import make_backend
+from ..config import ConfigError, build
+from ..flow import interpolate, ode_sample, sigma_grid
 from ..lora import concat_loras
+from ..losses import flow_matching_loss, logit_normal_sigmas
+from ..prompt_sources import PromptSources
+from ..rewards import get_reward
+from ..routing import TeacherBank
+from ..sampling import guided_velocity
+from .coldstart import ColdStartConfig
+from .common import add_trained_adapter, lora_init_value
 
 
 def resolve_lora(path: str | Path, base_model: str | None = None) -> str | Path:
@@ -105,10 +118,6 @@ def merge_teachers(backend, names: list[str], weights: list[float] | None = None
 def setup_sd3_opd(cfg, out: Path, dist, student: str):
     """OPD on SD3: base + teacher adapters + student adapter (+ the init anchor) on one transformer.
     -> (backend, bank, teacher names, student params, init info), as opd.setup_models."""
-    from ..backends import make_backend
-    from ..routing import TeacherBank
-    from .common import lora_init_value
-
     backend = make_backend(cfg, device=dist.device)
     names = list(cfg.teachers)
     bank = TeacherBank(backend)
@@ -163,29 +172,49 @@ def sft_coldstart(cfg, backend, bank, names: list[str], student: str, out: Path,
     """The SFT cold start on SD3 (module doc): data from the teachers, then the student LoRA's
     flow-matching fine-tune; saved to out/coldstart (rank 0). Every process computes it (the
     trainer broadcasts rank 0's student afterwards). -> per-task data stats."""
-    import math
-    import random
-
-    import torch
-
-    from ..config import build
-    from ..flow import interpolate, ode_sample, sigma_grid
-    from ..losses import flow_matching_loss, logit_normal_sigmas
-    from ..prompt_sources import PromptSources
-    from ..rewards import get_reward
-    from ..sampling import guided_velocity
-    from .coldstart import ColdStartConfig
-    from .common import lora_init_value
-
     cs = build(ColdStartConfig, {"seed": cfg.seed, **cfg.coldstart, "base": cfg.base, "device": cfg.device})
     shift = float(backend.sampling.get("shift", 3.0) if cfg.shift is None else cfg.shift)
     guidance = float(cs.sft_cfg or (backend.sampling.get("cfg", 1.0) if cfg.cfg is None else cfg.cfg))
-    sources, rng = PromptSources(cfg.tasks, cfg.prompts), random.Random(cs.seed)
     gen = torch.Generator().manual_seed(cs.seed)
+    # 1. data: each teacher's best-of-G ODE sample (by its task's reward) of its task's training prompts
+    x_all, prompts, stats = best_teacher_samples(cfg, cs, backend, bank, names, shift, guidance, gen)
+    # 2. the student LoRA, fit by flow matching at time-shifted logit-normal noise levels
+    rank = int(cfg.coldstart.get("sft_rank", cfg.student_rank))
+    backend.add_adapter(student, rank=rank, alpha=cfg.lora_alpha or rank, targets=list(cfg.lora_targets) or None,
+                        init=lora_init_value(cfg.lora_init, backend), trainable=True)
+    backend.set_adapter(student)
+    params = backend.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cs.sft_lr, weight_decay=0.0)
+    all_idx, no_drop = torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool)
+    with torch.no_grad():  # the loss on every sample at fixed noise levels and noises (before / after)
+        stats["sft_fm_before"] = float(_fm_loss(backend, x_all, prompts, all_idx, no_drop, shift,
+                                                torch.Generator().manual_seed(cs.seed + 1)))
+    for _ in range(cs.sft_steps):
+        idx = torch.randint(0, len(prompts), (cs.sft_batch,), generator=gen)
+        loss = _fm_loss(backend, x_all, prompts, idx, torch.rand(cs.sft_batch, generator=gen) < cs.sft_p_uncond,
+                        shift, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if math.isfinite(loss.item()):
+            opt.step()
+    with torch.no_grad():
+        stats["sft_fm_after"] = float(_fm_loss(backend, x_all, prompts, all_idx, no_drop, shift,
+                                               torch.Generator().manual_seed(cs.seed + 1)))
+    backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
+                            meta={"trainer": "coldstart", "method": "sft", "teachers": dict(cfg.teachers),
+                                  "data": stats, "recipe": dict(cfg.coldstart)})
+    return stats
+
+
+def best_teacher_samples(cfg, cs, backend, bank, names: list[str], shift: float, guidance: float, gen):
+    """For each teacher, sft_candidates ODE samples of each of sft_prompts_per_task training prompts of
+    its task; its task's reward keeps the best latent per prompt. -> (latents (n, C, H, W) on the CPU,
+    their n prompts, per-task reward stats)."""
+    sources, rng = PromptSources(cfg.tasks, cfg.prompts), random.Random(cs.seed)
     sigmas = sigma_grid(cs.sft_sample_steps, shift)
     G, mb = cs.sft_candidates, max(1, cfg.micro_batch)
     x0s, prompts, stats = [], [], {}
-    # 1. data: each teacher's best-of-G ODE sample (by its task's reward) of its task's training prompts
     for t in names:
         reward = get_reward(cfg.task_rewards.get(t, t))
         ps, _, meta = sources.draw_batch(rng, {t: cs.sft_prompts_per_task})
@@ -205,49 +234,22 @@ def sft_coldstart(cfg, backend, bank, names: list[str], student: str, out: Path,
         x0s.append(torch.cat(finals)[best])
         prompts += ps
         stats[t] = {"reward_mean": float(r.mean()), "reward_best": float(r.max(1).values.mean())}
-    x_all = torch.cat(x0s)  # (n, C, H, W) latents
-    # 2. the student LoRA, fit by flow matching at time-shifted logit-normal noise levels
-    rank = int(cfg.coldstart.get("sft_rank", cfg.student_rank))
-    backend.add_adapter(student, rank=rank, alpha=cfg.lora_alpha or rank, targets=list(cfg.lora_targets) or None,
-                        init=lora_init_value(cfg.lora_init, backend), trainable=True)
-    backend.set_adapter(student)
-    params = backend.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cs.sft_lr, weight_decay=0.0)
+    return torch.cat(x0s), prompts, stats
 
-    def fm_loss(idx, drop, g):
-        x0 = x_all[idx].to(backend.device)
-        u = logit_normal_sigmas(len(idx), generator=g)
-        sigma = (shift * u / (1 + (shift - 1) * u)).to(backend.device)  # (B,) on the sampling grid's shift
-        noise = torch.randn(x0.shape, generator=g).to(backend.device)
-        cond = backend.encode_prompts([None if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())])
-        return flow_matching_loss(backend.velocity(interpolate(x0, noise, sigma), sigma, cond), x0, noise)
 
-    def held_fixed() -> float:  # the loss on every sample at fixed noise levels and noises (before / after)
-        with torch.no_grad():
-            return float(fm_loss(torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool),
-                                 torch.Generator().manual_seed(cs.seed + 1)))
-
-    stats["sft_fm_before"] = held_fixed()
-    for _ in range(cs.sft_steps):
-        idx = torch.randint(0, len(prompts), (cs.sft_batch,), generator=gen)
-        loss = fm_loss(idx, torch.rand(cs.sft_batch, generator=gen) < cs.sft_p_uncond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if math.isfinite(loss.item()):
-            opt.step()
-    stats["sft_fm_after"] = held_fixed()
-    backend.save_checkpoint(out / "coldstart", adapters=[student], is_main_process=dist.is_main,
-                            meta={"trainer": "coldstart", "method": "sft", "teachers": dict(cfg.teachers),
-                                  "data": stats, "recipe": dict(cfg.coldstart)})
-    return stats
+def _fm_loss(backend, x_all, prompts: list[str], idx, drop, shift: float, g):
+    """Flow-matching loss of the latents idx at time-shifted logit-normal noise levels; `drop` marks
+    the samples trained unconditionally (prompt dropout for CFG)."""
+    x0 = x_all[idx].to(backend.device)
+    u = logit_normal_sigmas(len(idx), generator=g)
+    sigma = (shift * u / (1 + (shift - 1) * u)).to(backend.device)  # (B,) on the sampling grid's shift
+    noise = torch.randn(x0.shape, generator=g).to(backend.device)
+    cond = backend.encode_prompts([None if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())])
+    return flow_matching_loss(backend.velocity(interpolate(x0, noise, sigma), sigma, cond), x0, noise)
 
 
 def setup_sd3_grpo(cfg, dist):
     """GRPO on SD3: the base with the trained adapter cfg.name (fresh, or from the LoRA at cfg.init)."""
-    from ..backends import make_backend
-    from .common import add_trained_adapter
-
     if cfg.finetune != "lora":
         raise ConfigError("backend sd3 trains LoRA adapters only (finetune: lora)")
     backend = make_backend(cfg, device=dist.device)

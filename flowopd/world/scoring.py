@@ -305,13 +305,17 @@ def _obj_credit(det: Detection, shape: str, color: str | None, colour_free: bool
     return c * (0.5 if det.touching else 1.0)
 
 
-def compose_correct(spec, img: np.ndarray, dets: list[Detection] | None = None) -> bool:
-    """GenEval-strict correctness of one image for a compose-style prompt (see module doc)."""
+def _compose_input(spec, img: np.ndarray, dets, who: str):
+    """(the parsed compose-style spec, the image's detections: `dets` or detected now)."""
     spec = _spec(spec)
     if spec.category == "ocr":
-        raise ValueError("compose_correct needs a compose-style prompt, got a sign prompt")
-    if dets is None:
-        dets = detect_objects(img)
+        raise ValueError(f"{who} needs a compose-style prompt, got a sign prompt")
+    return spec, (detect_objects(img) if dets is None else dets)
+
+
+def compose_correct(spec, img: np.ndarray, dets: list[Detection] | None = None) -> bool:
+    """GenEval-strict correctness of one image for a compose-style prompt (see module doc)."""
+    spec, dets = _compose_input(spec, img, dets, "compose_correct")
     objs = spec.objects
     if len(dets) != len(objs) or not all(d.valid for d in dets):
         return False
@@ -345,11 +349,7 @@ def compose_partial_one(spec, img: np.ndarray, dets: list[Detection] | None = No
     objects, black ink, off-palette blobs, duplicates) costs EXTRA_PENALTY / n
     where n is the number of named objects. reward = clip(mean(items) - extras, 0, 1).
     """
-    spec = _spec(spec)
-    if spec.category == "ocr":
-        raise ValueError("compose_partial needs a compose-style prompt, got a sign prompt")
-    if dets is None:
-        dets = detect_objects(img)
+    spec, dets = _compose_input(spec, img, dets, "compose_partial")
     objs = spec.objects
     n = len(objs)
     colour_free = spec.category == "counting"
