@@ -9,9 +9,10 @@ import numpy as np
 from .world.fidelity import fidelity
 from .world.scoring import mean_of_means_se, score_images
 from .sampling import sample_images
+from .tasks import TASK_NAMES
 from .world.prompts import get_split
 
-TASK_KEYS = ("compose", "text", "quality")
+TASK_KEYS = TASK_NAMES  # the tasks averaged into "average"
 
 
 def subset(prompts: list, per_group: int | None) -> list:

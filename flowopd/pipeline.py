@@ -25,6 +25,7 @@ from pathlib import Path
 from .config import ConfigError, load, require
 from .errors import UserError
 from .report import MODELS
+from .tasks import TASK_NAMES, task
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,9 +47,7 @@ class RunConfig:
     """Optional --config for `flowopd run`: extra overrides on top of the preset."""
 
     grpo: list[str] = field(default_factory=list)
-    grpo_compose: list[str] = field(default_factory=list)
-    grpo_text: list[str] = field(default_factory=list)
-    grpo_quality: list[str] = field(default_factory=list)
+    teachers: dict = field(default_factory=dict)  # task -> overrides of its teacher's GRPO run only
     grpo_mix: list[str] = field(default_factory=list)
     coldstart_sft: list[str] = field(default_factory=list)
     distill: list[str] = field(default_factory=list)
@@ -57,6 +56,9 @@ class RunConfig:
     grid_seed: int = 0
 
     def validate(self):
+        for t, over in self.teachers.items():
+            require(t in TASK_NAMES, f"teachers: unknown task {t!r}; tasks are {', '.join(TASK_NAMES)}")
+            require(isinstance(over, list), f"teachers.{t} must be a list of key=value overrides")
         require(self.eval_steps >= 0, "eval_steps must be >= 0")
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
@@ -130,9 +132,10 @@ class Pipeline:
     # ---- stages ----------------------------------------------------------------
     def stage_list(self):
         st = [("base", self.s_base)]
-        for task in ("compose", "text", "quality"):
-            st.append((f"teacher-{task}", lambda t=task: self.s_grpo(f"teacher-{t}", f"toy_grpo_{t}.yaml", f"grpo_{t}")))
-        st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", "grpo_mix")))
+        for t in TASK_NAMES:
+            st.append((f"teacher-{t}", lambda t=t: self.s_grpo(f"teacher-{t}", task(t).teacher_config,
+                                                               self.rc.teachers.get(t, []))))
+        st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", self.rc.grpo_mix)))
         st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
         st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))
         st.append(("opd-merge", lambda: self.s_opd("opd-merge", "toy_opd_merge.yaml", [])))
@@ -148,17 +151,17 @@ class Pipeline:
 
         self.publish("base", shipped_base_dir())
 
-    def s_grpo(self, model: str, config: str, extra_key: str):
+    def s_grpo(self, model: str, config: str, extra: list[str]):
         from .trainers.grpo import main_grpo
 
         w = self.work(model)
-        over = list(self.p["grpo"]) + list(self.rc.grpo) + list(getattr(self.rc, extra_key))
+        over = list(self.p["grpo"]) + list(self.rc.grpo) + list(extra)
         over.append(f"init={self.ckpt('base')}")
         final = main_grpo(REPO_CONFIGS / config, w, over, overwrite=True)
         self.publish(model, final)
 
     def teachers(self) -> dict[str, str]:
-        return {t: str(self.ckpt(f"teacher-{t}")) for t in ("compose", "text", "quality")}
+        return {t: str(self.ckpt(f"teacher-{t}")) for t in TASK_NAMES}
 
     def s_coldstart(self, method: str):
         from .trainers.coldstart import main_coldstart
@@ -216,7 +219,7 @@ class Pipeline:
     def curves(self) -> dict:
         """Training reward per task vs rollouts from each RL stage's train_log.jsonl."""
         out = {}
-        for model in ("teacher-compose", "teacher-text", "teacher-quality", "grpo-mix", "opd-merge"):
+        for model in (*(f"teacher-{t}" for t in TASK_NAMES), "grpo-mix", "opd-merge"):
             log = self.out / "work" / model / "train_log.jsonl"
             cfg = self.out / "work" / model / "config.yaml"
             if not log.is_file():

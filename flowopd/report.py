@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .tasks import TASK_NAMES
 from .world.prompts import CATEGORIES
 
-MODELS = ("base", "teacher-compose", "teacher-text", "teacher-quality", "grpo-mix",
-          "opd-merge", "opd-sft", "opd-merge-nomar")
+# the models of the table: the base, one GRPO teacher per task (flowopd.tasks), the baseline, the students
+TASK_OF_TEACHER = {f"teacher-{t}": t for t in TASK_NAMES}
+MODELS = ("base", *TASK_OF_TEACHER, "grpo-mix", "opd-merge", "opd-sft", "opd-merge-nomar")
 LABELS = {
     "base": "Base (pretrained)",
-    "teacher-compose": "GRPO teacher: compose",
-    "teacher-text": "GRPO teacher: text",
-    "teacher-quality": "GRPO teacher: quality",
+    **{m: f"GRPO teacher: {t}" for m, t in TASK_OF_TEACHER.items()},
     "grpo-mix": "GRPO-Mix (one policy, rewards mixed)",
     "opd-merge": "Flow-OPD, merge init",
     "opd-sft": "Flow-OPD, SFT init",
@@ -36,7 +36,6 @@ PAPER = {
     "opd-sft": (0.91, 0.92, 4.29, 21.83),
     "opd-merge": (0.92, 0.94, 4.35, 23.08),
 }
-TASK_OF_TEACHER = {"teacher-compose": "compose", "teacher-text": "text", "teacher-quality": "quality"}
 
 
 def _f(v, nd=3):
@@ -54,14 +53,14 @@ def table_rows(results: dict) -> list[list[str]]:
     for m in MODELS:
         r = results.get("models", {}).get(m)
         p = PAPER.get(m)
-        ours = [_fse(r, "compose"), _fse(r, "text"), _fse(r, "quality"), _f(r.get("fidelity"), 2),
-                _fse(r, "average")] if r else ["-"] * 5
+        ours = ([_fse(r, t) for t in TASK_NAMES] + [_f(r.get("fidelity"), 2), _fse(r, "average")]
+                if r else ["-"] * (len(TASK_NAMES) + 2))
         paper = [_f(p[0], 2), _f(p[1], 2), _f(p[2], 2), _f(p[3], 2)] if p else ["-"] * 4
         rows.append([LABELS[m]] + ours + paper)
     return rows
 
 
-HEADER = ["model", "compose", "text", "quality", "FD (lower better)", "average",
+HEADER = ["model", *TASK_NAMES, "FD (lower better)", "average",
           "paper GenEval", "paper OCR", "paper DeQA", "paper PickScore"]
 
 
@@ -84,7 +83,7 @@ def claims(results: dict) -> list[tuple[str, bool | None, str]]:
 
     opd, mix = m.get("opd-merge"), m.get("grpo-mix")
     if opd and mix:
-        diffs = {t: opd[t] - mix[t] for t in ("compose", "text", "quality")}
+        diffs = {t: opd[t] - mix[t] for t in TASK_NAMES}
         out.append(("Flow-OPD (merge init) beats GRPO-Mix on every task",
                     all(d > 0 for d in diffs.values()),
                     ", ".join(f"{t} {d:+.3f}" for t, d in diffs.items())))
@@ -118,8 +117,9 @@ def plot_curves(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = ("compose", "text", "quality")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    tasks = TASK_NAMES
+    fig, axes = plt.subplots(1, len(tasks), figsize=(13 * len(tasks) / 3, 3.6), squeeze=False)
+    axes = axes[0]
     colors = {run: f"C{i}" for i, run in enumerate(curves)}  # one colour per run across the panels
     for ax, task in zip(axes, tasks):
         for run, rows in curves.items():

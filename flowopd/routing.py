@@ -6,12 +6,12 @@ transition is made, target_mean_i = sum_k W[i, k] * mean_k(x_i). Hard routes are
 Modes (`route`):
   - ``task`` (default, the paper's rule): the prompt's task tag picks the teacher of that task.
   - ``reward`` (the paper's text): every task's reward scores the sample; the teacher of the task
-    with the highest *scaled* reward claims it. A reward only scores prompts of a form it can read
-    and whose teacher was trained on such prompts (toy world: text for sign prompts; compose and
-    quality for compose-style prompts), other entries are NaN and never win; a sample no reward
-    can read falls back to its task's teacher.
+    with the highest *scaled* reward claims it. A reward returns NaN for a sample it cannot score
+    (the toy world's: text for sign prompts only, compose and quality for compose-style prompts
+    only, as their teachers were trained); NaN entries never win, and a sample no reward can score
+    falls back to its task's teacher.
   - ``soft`` (the paper's future work): W[i] = softmax(scaled rewards / temperature) over the
-    rewards that can read the sample, a reward-weighted mixture of the teachers' means.
+    rewards that scored the sample, a reward-weighted mixture of the teachers' means.
 
 Reward scales (`RewardScaler`), so that a 0.9 OCR score and a 0.6 quality score are comparable:
   - ``zscore`` (default): per task, z = (r - m_k) / max(s_k, min_std), with m_k, s_k running
@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from .rollout import transition
-from .world.prompts import PromptError, make_prompt, parse
 
 ROUTING_MODES = ("task", "reward", "soft")
 REWARD_SCALES = ("zscore", "rank", "raw")
@@ -45,37 +44,14 @@ REWARD_SCALES = ("zscore", "rank", "raw")
 # ----------------------------------------------------------------------------- which reward reads which prompt
 
 
-def reward_reads(prompt: str, task: str) -> bool:
-    """May `task`'s reward score (and its teacher claim) a sample of `prompt`? In the toy world:
-    when the prompt is a valid prompt of that task (sign prompts for text, compose-style prompts for
-    compose and quality), i.e. the reward can read it and the teacher was trained on such prompts
-    (the quality model would score a sign, but the quality teacher never saw one). Prompts outside
-    the grammar (another world) are open to every reward."""
-    try:
-        parse(prompt)
-    except PromptError:
-        return True
-    try:
-        make_prompt(prompt, task)
-        return True
-    except PromptError:
-        return False
-
-
-def readable(prompts: Sequence[str], tasks: Sequence[str]) -> Tensor:
-    """(B, K) bool: reward of tasks[k] can score prompts[i]."""
-    return torch.tensor([[reward_reads(p, t) for t in tasks] for p in prompts], dtype=torch.bool).view(len(prompts), len(tasks))
-
-
 def score_all(reward_fns: dict, images, prompts: Sequence[str], tasks: Sequence[str]) -> Tensor:
-    """(B, K) rewards of every teacher task's reward on every sample it can read; NaN elsewhere.
-    reward_fns: {task: reward function}; images: uint8 (B, H, W, 3)."""
-    ok = readable(prompts, tasks)
-    out = torch.full(ok.shape, float("nan"))
+    """(B, K) rewards of every teacher task's reward on every sample; a reward returns NaN where it
+    cannot score a sample (the toy rewards: a sign for compose and quality, a scene for text), and
+    such an entry never claims the sample. reward_fns: {task: reward function}; images: uint8
+    (B, H, W, 3)."""
+    out = torch.full((len(prompts), len(tasks)), float("nan"))
     for k, t in enumerate(tasks):
-        idx = ok[:, k].nonzero().flatten().tolist()
-        if idx:
-            out[idx, k] = reward_fns[t](images[idx], [prompts[i] for i in idx], [{"task": t}] * len(idx)).float()
+        out[:, k] = reward_fns[t](images, list(prompts), [{"task": t}] * len(prompts)).float()
     return out
 
 

@@ -301,7 +301,7 @@ def test_nft_compose_config_and_its_pipeline_overrides_agree():
     root = Path(__file__).resolve().parents[1] / "configs"
     read = lambda n: yaml.safe_load((root / n).read_text())  # noqa: E731
     run = read("run_compose_nft.yaml")
-    via_run = build(GRPOConfig, read("toy_grpo_compose.yaml"), run["grpo_compose"])
+    via_run = build(GRPOConfig, read("toy_grpo_compose.yaml"), run["teachers"]["compose"])
     nft = build(GRPOConfig, read("toy_grpo_compose_nft.yaml"))
     assert to_dict(via_run) == to_dict(nft) and nft.objective == "nft"
     mix = build(GRPOConfig, read("toy_grpo_mix.yaml"), run["grpo_mix"])

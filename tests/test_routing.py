@@ -6,7 +6,8 @@ import torch
 from flowopd.backends.tiny import TinyBackend
 from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.rollout import rollout, transition
-from flowopd.routing import (RewardScaler, TeacherBank, readable, reward_routes, route, score_all, soft_routes,
+from flowopd.rewards import get_reward
+from flowopd.routing import (RewardScaler, TeacherBank, reward_routes, route, score_all, soft_routes,
                              task_routes)
 from flowopd.trainers.coldstart import TeacherWeights
 
@@ -22,9 +23,16 @@ def test_task_routing_follows_the_tag():
         task_routes(["compose", "ocr"], TEACHERS)
 
 
-def test_rewards_only_score_prompts_they_can_read():
-    ok = readable(["a red square", 'a sign that says "K7"'], TEACHERS)
-    assert ok.tolist() == [[True, False, True], [False, True, False]]  # quality: compose-style prompts only
+def test_toy_rewards_say_nan_where_they_cannot_score():
+    images = torch.zeros(3, 32, 32, 3, dtype=torch.uint8).numpy()
+    prompts = ["a red square", 'a sign that says "K7"', "a photo of a cat"]  # scene, sign, outside the grammar
+    got = {t: get_reward(t)(images, prompts) for t in TEACHERS}
+    assert (~torch.isnan(got["compose"])).tolist() == [True, False, False]
+    assert (~torch.isnan(got["text"])).tolist() == [False, True, False]
+    assert (~torch.isnan(got["quality"])).tolist() == [True, False, True]  # quality: any scene, never a sign
+    # a readable sample's reward does not depend on the unreadable ones beside it
+    assert got["compose"][0] == get_reward("compose")(images[:1], prompts[:1])[0]
+    assert got["text"][1] == get_reward("text")(images[1:2], prompts[1:2])[0]
 
 
 def test_reward_routing_takes_the_best_scaled_reward():
@@ -59,8 +67,11 @@ def test_zscore_scale_uses_running_stats_and_rank_scale_is_a_percentile():
     assert torch.allclose(rk[[0, 2, 3], 1], torch.tensor([1.0, 0.0, 0.5])) and torch.isnan(rk[1, 1])
 
 
-def test_score_all_puts_nan_where_a_reward_cannot_read():
-    fns = {t: (lambda k: lambda im, p, m=None: torch.full((len(p),), float(k)))(k) for k, t in enumerate(TEACHERS)}
+def test_score_all_keeps_the_nan_of_a_reward_that_cannot_read():
+    def fn(k):  # reward k reads the prompts holding "sign" only when k == 1
+        return lambda im, p, m=None: torch.tensor([float(k) if ("sign" in q) == (k == 1) else NAN for q in p])
+
+    fns = {t: fn(k) for k, t in enumerate(TEACHERS)}
     r = score_all(fns, torch.zeros(2, 32, 32, 3).numpy(), ["a red square", 'a sign that says "K7"'], TEACHERS)
     assert r[0, 0] == 0 and torch.isnan(r[0, 1]) and r[0, 2] == 2
     assert torch.isnan(r[1, 0]) and r[1, 1] == 1 and torch.isnan(r[1, 2])

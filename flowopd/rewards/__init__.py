@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..tasks import DEFAULT_TASK_REWARDS  # each toy task's own reward (its teacher's, its student's score)
 from . import toy
 
 RewardFn = Callable[..., torch.Tensor]
@@ -46,8 +47,6 @@ register("compose_strict", toy.compose_strict)
 register("text", toy.text)
 register("quality", toy.quality)
 
-# Each toy task's own reward (what its teacher is trained on and its student is scored by).
-DEFAULT_TASK_REWARDS = {"compose": "compose", "text": "text", "quality": "quality"}
 
 # The SD3.5 experiments' rewards (ocr, pickscore, clipscore, aesthetic, geneval): registered lazily,
 # so listing them loads no model and needs none of their packages until a trainer first calls one.

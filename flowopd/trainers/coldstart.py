@@ -46,7 +46,8 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from ..rewards import DEFAULT_TASK_REWARDS, get_reward
+from ..rewards import get_reward
+from ..tasks import DEFAULT_TASK_REWARDS
 from ..sampling import sample_images
 from ..world.prompts import TASKS, sample_prompt
 from ..flow import interpolate

@@ -25,9 +25,7 @@ by the forward-process loss of DiffusionNFT (arXiv 2509.16117; losses.nft_loss):
 sample x0 is noised at K random levels and the policy's velocity v is pulled toward the sample's
 flow-matching target where r = 0.5 + 0.5 clip(A, -1, 1) > 1/2 and pushed away where r < 1/2,
 relative to the sampling policy's v_old. It needs no log-probs, so rollouts may use the `ode`
-sampler (the samples of a group then differ by initial noise, i.e. by layout). Measured on the toy
-compose task it learns faster than the ratio loss (configs/toy_grpo_compose_nft.yaml: compose
-0.734 against 0.651 for configs/toy_grpo_compose.yaml).
+sampler (the samples of a group then differ by initial noise, i.e. by layout).
 
 Faults (flowopd.trainers.checkpointing): every `state_every` iterations the whole run state goes
 to out/state (LoRA or full weights, optimizer, EMA, RNG states); rerunning the same command on
@@ -41,50 +39,7 @@ adapters/<name>.safetensors with its rank, alpha, targets and base in config.jso
 so the distillation stage can load several teachers as named adapters on one base
 (`load_adapter`).
 
-Departures from Flow-GRPO (and why):
-  - the toy configs use clip_range 0.2 instead of Flow-GRPO's 1e-4 and LoRA learning rates of
-    1e-3..2e-3 instead of 3e-4: the budget is a few dozen updates on a CPU. (The ratio is the
-    exp of a log-prob averaged over the 3072 pixel dimensions, so it stays within ~1e-2 of 1
-    even when the images change a lot; clipping rarely binds at 0.2.)
-  - optional SDE window (`sde_window`, `sde_window_starts`, `shared_noise`; in the spirit of
-    Flow-GRPO-Fast / MixGRPO): only k steps of each trajectory are stochastic, the rest are ODE
-    steps, only those k are trained, and the G samples of a prompt can share their initial noise
-    so that the group's reward spread comes from the trained steps alone. Measured on the toy
-    base (compose reward, 8 prompts x 16 samples): the cosine between the policy gradients of
-    two independent batches is ~0.09 with plain Flow-GRPO rollouts and ~0.14-0.35 with one SDE
-    step at step 0 or 1 and shared noise, at about a fifth of the training compute. The compose
-    and text teachers use it; the default (sde_window 0) is plain Flow-GRPO.
-  - `cfg: null` uses the checkpoint's sampling CFG (the one evaluation uses) in rollouts and in
-    training; the gradient flows through both the conditional and unconditional passes.
-  - the trained steps (timestep_fraction): `step_selection: random` (default) trains a random
-    subset, the same for every sample of the iteration; current Flow-GRPO (scripts/train_sd3.py) and
-    the Flow-OPD authors train the first int(N * timestep_fraction) steps in order, which
-    `step_selection: first` does (ours rounds: 0.9 of 10 steps is 9). The micro-batches reproduce
-    the rollout's sampling chunks, so the recomputed log-prob equals the stored one exactly before
-    the first update (ratio exactly 1), without a second "old log-prob" pass.
-  - the KL to the reference uses the exact per-step Gaussian KL averaged over dimensions by
-    default (kl_normalization="exact"); "flow_grpo" reproduces Flow-GRPO's code (no dt factor).
-  - rewards are computed on the CPU right after the rollout (no asynchronous reward workers).
-  - EMA (optional) is of the trainable parameters, updated after each optimizer step, and is what
-    the checkpoints hold and what evaluation during training samples (as Flow-GRPO); rollouts use
-    the live weights.
-  - advantage groups (`adv_groups`): "draw" (default) = the G samples of one prompt draw;
-    "prompt" = Flow-GRPO's per_prompt_stat_tracking = True (its tracker is cleared every epoch, so
-    it pools the samples of the same prompt text in the batch); "none" = per_prompt_stat_tracking =
-    False ((r - mean_batch) / (std_batch + 1e-4)).
-  - GRPO-Mix draws every batch with a fixed share of each task (`task_schedule: mixed`, the toy
-    configs); Flow-GRPO's multi-reward runs sum weighted rewards on every sample instead
-    (`reward_mix` does that); the Flow-OPD authors' GRPO-Mix (configs/sd35m_grpo_mix.yaml) gives
-    each task its turn of whole iterations (`task_schedule: alternate`, turns of task_shares
-    iterations) with the task's reward mixed with a quality reward (a task_rewards entry may be
-    {reward: weight}).
-  - LoRA targets include the U-Net's convolutions and FiLM layers (the toy backbone is a U-Net,
-    not a transformer).
-  - `objective: nft` is not Flow-GRPO's policy-gradient loss (see "Objectives"); with it, kl_beta
-    weighs mean((v - v_base)^2) at the noised samples (the base = adapter off) instead of the
-    per-step Gaussian KL. Unlike DiffusionNFT, which is CFG-free, the policy trained is the guided
-    velocity at the rollout's CFG (as the ratio objective trains it), and v_old is the policy that
-    sampled this iteration's batch (no soft-updated old policy).
+Departures from Flow-GRPO, and the measurements behind the toy recipes: docs/departures.md.
 
 Back ends and processes (flowopd.trainers.common, flowopd.parallel): `backend: sd3` trains a LoRA
 on an SD3 pipeline (`model`) with prompts from files (`prompts`) and saves it in diffusers' format;
@@ -120,7 +75,8 @@ from ..config import ConfigError, load, require, to_dict
 from ..lora import lora_from_state_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
 from ..flow import interpolate, step_kl
-from ..rewards import DEFAULT_TASK_REWARDS, get_reward, per_task, weighted_sum
+from ..rewards import get_reward, per_task, weighted_sum
+from ..tasks import DEFAULT_TASK_REWARDS
 from ..rollout import Rollout, transition
 from ..sampling import guided_velocity
 from ..state import atomic_dir

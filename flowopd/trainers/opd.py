@@ -43,67 +43,9 @@ out/coldstart is reused). A NaN/Inf loss or gradient skips that optimizer step (
 `max_bad_steps` in a row stop the run with a state of the last good weights. Rewards are only
 logged (and NaN where a reward cannot read a sample), so they are not checked.
 
-The Flow-OPD authors' objectives (CostaliyA/Flow-OPD scripts/train_sd3_opd_mix.py, their
-`train.reward_mode`; losses.reward_mode_loss), beside ours:
-  - kl_only (configs/sd35m_opd.yaml): A_k = clamp(kl_scale * norm(KL_k), +-adv_clip) with KL_k the
-    flow_grpo-normalised per-step KL to the teacher, in GRPO's clipped-ratio loss. The authors do
-    not detach A_k, so the gradient is kl_scale * grad KL_k * ratio (for kl_scale = -1 and ratio ~ 1
-    our `direct` rule) plus the score-function term A_k grad ratio (noise of zero mean at ratio 1);
-    `direct` is that objective without the noise.
-  - mixed: A_k = clamp(clamp(norm(A_task)) + kl_scale * norm(KL_k)), the task reward's group
-    advantage (per prompt, batch std) plus the KL term; task_only: A = clamp(A_task), Flow-GRPO
-    with the task reward (teachers are then unused).
-  - kl_norm: none | per_sample | per_timestep | global; the three z-scores are the same computation
-    in their code (over the micro-batch's values at one step), and so here.
-  - drop_zero_adv: samples whose task advantage is 0 (every sample of the prompt got the same
-    reward) leave the update, as the authors' mask (in every mode, kl_only too). Departure: they
-    re-add random dropped samples to fill equal micro-batches; we average over the kept samples of
-    each micro-batch (MAR too).
-  - Their loss multiplies a (B, 1) advantage by a (B,) ratio, so mean(max(...)) runs over all B x B
-    pairs: mean_i(-A_i) * mean_j(max(r_j, clip(r_j))) for kl_only. We pair each sample's advantage
-    with its own ratio; at the first update (ratio 1) the two agree, and the test of sd35m_opd.yaml
-    checks that loss against their formula.
-
-Departures from the paper / DESIGN.md (and why):
-  - pg advantage. DESIGN.md writes A_k = -KL_k with KL_k the closed-form per-step KL. That KL
-    depends only on the state x_k, not on the action x_k+1, so E[A_k grad log pi(x_k+1|x_k)] =
-    A_k E[grad log pi] = 0: its policy gradient is zero in expectation (pure noise). We use the
-    single-sample estimate of the same KL at the sampled action, the per-token reverse-KL
-    advantage of on-policy distillation for LLMs: A_k = -(log pi_s - log pi_t)(x_k+1) (full
-    log-densities; the ratio uses Flow-GRPO's per-dimension mean log-probs), whose mean over
-    x_k+1 is -KL_k and whose expected policy gradient is exactly the direct rule's (`pg_advantage:
-    sample`). `centered` (default) subtracts the closed-form KL, a baseline that depends on the
-    state only: same expected gradient, much less variance (for D = 3072 dimensions the KL part of
-    the sampled log-ratio is D * KL_k, pure noise for the policy gradient; with it, `sample`
-    diverged in our runs). `closed_form` is DESIGN.md's literal rule, kept for the comparison.
-  - The default rule is `direct`: it follows the exact gradient of the same objective, without the
-    sampling noise of the score-function estimator. Measured on the toy world (merge init, quick
-    eval on a third of the test split, 20 ODE steps): with GRPO teachers and the default recipe,
-    direct gave compose/text/quality 0.57/0.83/0.89 (FD 1.46), pg `centered` 0.48/0.70/0.89
-    (FD 1.65); with stand-in teachers (12 iterations, beta 0, `kl` weighting) direct 0.62/0.98/0.95
-    (FD 0.93), pg `centered` 0.60/0.93/0.93 (FD 1.26), pg `sample` diverged (per-step KL to the
-    teachers 0.016 -> 3.2, blank images).
-  - Step weighting (`step_weighting: velocity`, the default; configs/sd35m_opd.yaml sets `kl`, the
-    authors' plain per-step KL). The exact per-step KL of the SDE is
-    c_k * mean (v_s - v_t)^2 with c_k from ~0.013 (sigma = 1) to ~1.6 (last step) on a 10-step
-    grid: the high-noise steps that lay out the image barely count, and Adam's lr-sized steps then
-    drift there unchecked. We divide each step's KL by c_k (weights normalised to mean 1), so every
-    step counts its velocity error alike; MAR is weighted the same way. Measured (GRPO teachers,
-    merge init, 30 iterations, beta 0): average of the three tasks 0.73 with it vs 0.63 without
-    (0.70 without it at lr 3e-4). `step_weighting: kl` gives the plain sum of per-step KLs.
-  - Step KLs use flow.step_kl with normalization "exact" (the true Gaussian KL per dimension);
-    "flow_grpo" reproduces Flow-GRPO's code (no dt).
-  - MAR is a direct KL term in both rules (as Flow-GRPO's KL penalty), not folded into advantages.
-    Its minimiser per step is the mean (teacher + beta * anchor) / (1 + beta): beta = 1 puts the
-    student half-way back to the base (measured: it lost most of the quality gain), so the default
-    is 0.1 (GRPO teachers, default recipe: FD 1.46 vs 1.55 at beta 0 and 1.38 at beta 0.3; the
-    task average 0.76 vs 0.73 and 0.73). The toy configs anchor to the quality teacher instead
-    (`anchor: quality`): once the teachers kept their fidelity (windowed GRPO with a KL), the
-    base (FD 0.89) was a worse anchor than the students themselves (anchor base FD 0.83, beta 0
-    0.82, anchor quality 0.74; whole test split, merge init).
-  - One mixed batch holds every task (task_schedule: mixed, the toy default); in the toy world compose and quality prompts are the same
-    sentences with different tags, so under task routing the student sees both teachers' targets
-    for one prompt and learns their average there (reward/soft routing choose per sample instead).
+The Flow-OPD authors' objectives (kl_only, mixed, task_only; losses.reward_mode_loss) beside ours
+(direct, pg), and every departure from the paper and DESIGN.md with its measurement:
+docs/departures.md.
 
 Back ends and processes (flowopd.trainers.common, sd3_teachers, flowopd.parallel): `backend: sd3`
 puts the teachers (LoRAs saved by SD3 GRPO runs, or released ones) and the student on one frozen
@@ -178,8 +120,8 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     soft_temperature: float = 0.5
     # update rule
     rule: str = "direct"             # "direct" | "pg" | the Flow-OPD authors' reward modes "kl_only" | "mixed" |
-                                     # "task_only" (their train.reward_mode; see the module doc)
-    pg_advantage: str = "centered"   # "centered" | "sample" | "closed_form" (see the module doc)
+                                     # "task_only" (their train.reward_mode; docs/departures.md)
+    pg_advantage: str = "centered"   # "centered" | "sample" | "closed_form" (docs/departures.md)
     clip_range: float = 0.05         # pg and the authors' modes: clipped ratio range
     kl_scale: float = -1.0           # authors' modes: A_kl = kl_scale * KL (their train.kl_scale)
     kl_norm: str = "none"            # authors' modes: "none" | "per_sample" | "per_timestep" | "global" (their train.kl_norm;
