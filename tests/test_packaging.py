@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -66,8 +67,13 @@ def test_wheel_in_a_fresh_venv_runs_the_quick_pipeline(tmp_path):
     """pip wheel (no network) -> a fresh venv that sees this interpreter's packages (torch, ...) but not
     the checkout -> pip install --no-deps --no-index -> `flowopd run --preset quick` in a directory
     outside the checkout."""
+    # built from a copy of the sources: no stale build/ of the checkout ends up in the wheel, and the
+    # checkout gets no build/ or egg-info
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "out", "*.egg-info", "__pycache__", ".pytest_cache"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, ROOT])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, src])
     (wheel,) = wheels.glob("flowopd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     configs = [n for n in names if n.endswith(".yaml")]
