@@ -1,2 +1,2 @@
-"""On-demand benchmarks (`python -m benchmarks`, see benchmarks/README.md); never part of the test suite.
-The other scripts in this folder are experiments, run as files."""
+"""On-demand speed and memory benchmarks (`python -m benchmarks`, `python -m benchmarks.sd3_step`, from the
+repository root; see benchmarks/README.md); never part of the test suite."""

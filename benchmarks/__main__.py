@@ -259,6 +259,7 @@ def step_cost(samples: int = 48, iters: int = 3, skip: int = 1, threads: int = 0
     import flowopd.routing as routing
     import flowopd.trainers.grpo as grpo
     import flowopd.trainers.opd as opd
+    from flowopd.config import PACKAGED_CONFIGS
 
     ck = PIPELINE / "checkpoints"
     gs = 16
@@ -279,7 +280,7 @@ def step_cost(samples: int = 48, iters: int = 3, skip: int = 1, threads: int = 0
     grpo.rollout_batch = rb
     grpo.make_reward_fn = lambda cfg: timer.wrap("reward", orig[1](cfg))
     try:
-        grpo.main_grpo(ROOT / "configs/toy_grpo_text.yaml", tmp / "grpo",
+        grpo.main_grpo(PACKAGED_CONFIGS / "toy_grpo_text.yaml", tmp / "grpo",
                        [f"steps={iters}", f"prompts_per_step={samples // gs}", f"group_size={gs}", *extra],
                        overwrite=True)
     finally:
@@ -306,7 +307,7 @@ def step_cost(samples: int = 48, iters: int = 3, skip: int = 1, threads: int = 0
     opd.transition = timer.wrap("anchor", orig[3], cond=lambda: not torch.is_grad_enabled())
     teachers = [f"teachers.{t}={ck / ('teacher-' + t)}" for t in TASKS]
     try:
-        opd.main_distill(ROOT / "configs/toy_opd_merge.yaml", tmp / "opd",
+        opd.main_distill(PACKAGED_CONFIGS / "toy_opd_merge.yaml", tmp / "opd",
                          [f"steps={iters}", f"prompts_per_step={samples}", f"base={ck / 'base'}", *teachers, *extra],
                          overwrite=True)
     finally:

@@ -13,10 +13,11 @@ gives the exact resident training state (transformer weights, adapters, gradient
 configuration, hence the bytes each extra teacher adds against the frozen base, and the same
 proportion for SD3.5-Medium's transformer shape (built on the meta device: no weights are loaded).
 
-    python benchmarks/sd3_step.py                       # CPU, tiny model, 1/2/4 teachers
-    python benchmarks/sd3_step.py --device cuda --dtype bf16 --resolution 64 --prompts 4 --group 8
+    python -m benchmarks.sd3_step                       # CPU, tiny model, 1/2/4 teachers
+    python -m benchmarks.sd3_step --device cuda --dtype bf16 --resolution 64 --prompts 4 --group 8
 
-Writes benchmarks/results/sd3_step.json (or --out) and prints a summary table.
+Run from the repository root: the tiny model is the tests' (tests/sd3_tiny.py, not part of the
+package). Writes benchmarks/results/sd3_step.json (or --out) and prints a summary table.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json), used
 # only to count parameters on the meta device.
@@ -79,9 +81,9 @@ def sd35m_estimate(rank: int = 32, config_path: str | None = None) -> dict:
 def worker(args) -> dict:
     import torch
 
-    from flowopd.backends.sd3 import tiny_sd3_backend
     from flowopd.losses import mar_loss, opd_direct_loss
     from flowopd.rollout import rollout, transition
+    from tests.sd3_tiny import tiny_sd3_backend  # the tests' tiny SD3 (run from the repository root)
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads) if args.threads else None
@@ -184,13 +186,13 @@ def main(argv=None):
 
     runs = []
     for k in args.teachers:
-        cmd = [sys.executable, __file__, "--worker", "--teachers", str(k)] + [
+        cmd = [sys.executable, "-m", "benchmarks.sd3_step", "--worker", "--teachers", str(k)] + [
             a for kv in (("--prompts", args.prompts), ("--group", args.group), ("--steps", args.steps),
                          ("--train-steps", args.train_steps), ("--micro-batch", args.micro_batch),
                          ("--cfg", args.cfg), ("--rank", args.rank), ("--resolution", args.resolution),
                          ("--device", args.device), ("--dtype", args.dtype), ("--repeats", args.repeats),
                          ("--threads", args.threads)) for a in (kv[0], str(kv[1]))]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
         if res.returncode:
             sys.stderr.write(res.stderr[-4000:])
             raise SystemExit(f"worker with {k} teachers failed ({res.returncode})")
@@ -211,7 +213,7 @@ def main(argv=None):
         "state_per_extra_teacher_pct_of_base_model": round(100 * state_per_teacher / first["base_model_bytes"], 2),
     }
     report = {
-        "what": "one rollout + OPD/MAR update step of the tiny SD3 model (flowopd.backends.sd3.tiny_sd3_backend)",
+        "what": "one rollout + OPD/MAR update step of the tiny SD3 model (tests/sd3_tiny.py: tiny_sd3_backend)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "teachers", "transformer_config")},
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg": os.getloadavg()},

@@ -1,17 +1,32 @@
 """The `flowopd` command line.
 
 Every subcommand turns bad input into one message on stderr and exit status 2.
-Heavy imports happen inside the handlers so `flowopd --help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
+
 from . import __version__
+from .backends import load_checkpoint
+from .config import load
 from .errors import UserError
+from .evaluate import evaluate
+from .io import read_manifest, read_prompt_file, staged_dir, write_images
+from .pipeline import main_run
+from .report import HEADER, table_rows
+from .sampling import sample_images
+from .trainers.checkpointing import has_state
+from .trainers.coldstart import main_coldstart
+from .trainers.grpo import main_grpo
+from .trainers.opd import main_distill
+from .trainers.pretrain import PretrainConfig, pretrain
+from .world.scoring import score_images
 
 DESCRIPTION = """\
 flowopd: multi-task alignment of flow-matching text-to-image models by
@@ -21,8 +36,6 @@ default back end; CKPT 'base' names the base model shipped with the package.
 
 
 def _device(name: str | None) -> str:
-    import torch
-
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -40,10 +53,6 @@ def _check_sampling_args(args) -> None:
 
 
 def cmd_sample(args) -> int:
-    from .backends import load_checkpoint
-    from .io import read_prompt_file, staged_dir, write_images
-    from .sampling import sample_images
-
     _check_sampling_args(args)
     records = read_prompt_file(args.prompts)
     backend = load_checkpoint(args.checkpoint, _device(args.device))
@@ -56,10 +65,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .backends import load_checkpoint
-    from .evaluate import evaluate
-    from .io import staged_dir, write_images
-
     _check_sampling_args(args)
     if args.split not in ("test", "train"):
         raise UserError(f"unknown split {args.split!r}; use test or train")
@@ -80,18 +85,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .io import read_manifest
-    from .world.scoring import score_images
-
     images, prompts = read_manifest(args.dir)
     print(json.dumps(score_images(images, prompts)))
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from .config import load
-    from .trainers.pretrain import PretrainConfig, pretrain
-
     cfg = load(PretrainConfig, args.config, args.overrides)
     _device(cfg.device)
     _check_resume(args)
@@ -107,23 +106,17 @@ def _model_overrides(args) -> list[str]:
 
 def _rank0() -> bool:
     """Not a secondary process of an `accelerate launch` / `torchrun` run."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
 def _check_resume(args) -> None:
     """--resume needs an intact state in OUT/state (the trainers check it for their own runs too)."""
     if getattr(args, "resume", False):
-        from .trainers.checkpointing import has_state
-
         if not has_state(Path(args.out) / "state"):
             raise UserError(f"--resume: no complete checkpoint in {Path(args.out) / 'state'}")
 
 
 def cmd_grpo(args) -> int:
-    from .trainers.grpo import main_grpo
-
     final = main_grpo(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
     if _rank0():
         print(f"final checkpoint: {final}", file=sys.stderr)
@@ -131,8 +124,6 @@ def cmd_grpo(args) -> int:
 
 
 def cmd_coldstart(args) -> int:
-    from .trainers.coldstart import main_coldstart
-
     final = main_coldstart(args.method, args.teachers, args.out, args.overrides, overwrite=args.overwrite,
                            resume=args.resume)
     print(f"cold-start checkpoint: {final}", file=sys.stderr)
@@ -140,8 +131,6 @@ def cmd_coldstart(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .trainers.opd import main_distill
-
     final = main_distill(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
     if _rank0():
         print(f"final checkpoint: {final}", file=sys.stderr)
@@ -149,11 +138,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import main_run
-
     res = main_run(args.preset, args.out, args.config, args.overrides)
-    from .report import HEADER, table_rows
-
     rows = table_rows(res)
     print(" | ".join(HEADER[:6]))
     for r in rows:

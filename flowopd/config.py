@@ -6,8 +6,6 @@ against the field's type. ``ConfigError`` carries a message meant for users
 """
 from __future__ import annotations
 
-from flowopd.errors import UserError
-
 import dataclasses
 import difflib
 import types
@@ -15,6 +13,11 @@ import typing
 from pathlib import Path
 
 import yaml
+
+from .errors import UserError
+
+# The YAML configs shipped with the package (the repository's configs/ is a link to this folder).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(UserError, ValueError):
@@ -114,10 +117,30 @@ def build(cls, data: dict | None = None, overrides: list[str] | None = None):
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict:
+def packaged_configs() -> list[str]:
+    """The packaged configs, as names relative to PACKAGED_CONFIGS (toy_grpo_text.yaml, accelerate/ddp.yaml)."""
+    return sorted(str(f.relative_to(PACKAGED_CONFIGS)) for f in PACKAGED_CONFIGS.rglob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file: `path` itself when it exists; otherwise, for a relative path, the packaged config
+    of that name (toy_grpo_text.yaml, or configs/toy_grpo_text.yaml as the docs write it), so that the
+    documented commands work from any directory with an installed package. Neither: a ConfigError
+    that lists the packaged configs."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) and len(p.parts) > 1 else p
+        for cand in (PACKAGED_CONFIGS / rel, PACKAGED_CONFIGS / p):
+            if cand.is_file():
+                return cand
+    raise ConfigError(f"config file not found: {p} (neither a file nor a packaged config; the packaged "
+                      f"configs are {', '.join(packaged_configs())})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = resolve_config(path)
     try:
         data = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .errors import UserError
 from .world.prompts import TASKS, PromptError, infer_task, make_prompt
@@ -111,8 +112,6 @@ def prompt_pool(path: str | Path, tasks: list[str]) -> dict[str, list[str]]:
 
 def read_manifest(folder: str | Path):
     """DIR/manifest.jsonl + its PNGs -> (uint8 images (N,32,32,3), [Prompt]); errors name the line."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -171,8 +170,6 @@ def staged_dir(out: str | Path):
 
 def write_images(folder: Path, images: np.ndarray, records: list[dict]) -> None:
     """Write 0000.png ... and manifest.jsonl ({"prompt", "task", "file"} per line)."""
-    from PIL import Image
-
     lines = []
     for i, (img, rec) in enumerate(zip(images, records)):
         name = f"{i:04d}.png"

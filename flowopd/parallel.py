@@ -30,11 +30,16 @@ DDP; their sharding of the frozen base is not applied (see `Dist.create`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 
 import numpy as np
 import torch
+import torch.distributed as td
+
+from .config import ConfigError
+from .errors import UserError
 
 
 def launched_world_size() -> int:
@@ -60,10 +65,8 @@ class Dist:
         each process its own GPU (cuda:LOCAL_RANK, NCCL)."""
         if launched_world_size() <= 1:
             return cls(1, 0, device)
-        from .errors import UserError
-
         try:
-            from accelerate import PartialState
+            from accelerate import PartialState  # optional (flowopd[sd3]): only under a launcher
         except ImportError:
             raise UserError("training on several processes needs accelerate: pip install 'flowopd[sd3]'") from None
         cpu = str(device) == "cpu" or not torch.cuda.is_available()
@@ -88,8 +91,6 @@ class Dist:
     def check_batch(self, prompts_per_step: int) -> None:
         """Every process must hold the same number of prompts (equal shares keep the update exact)."""
         if prompts_per_step % self.world:
-            from .config import ConfigError
-
             raise ConfigError(f"prompts_per_step ({prompts_per_step}) must be divisible by the number of "
                               f"processes ({self.world})")
 
@@ -107,8 +108,6 @@ class Dist:
         """Concatenate a (b, ...) tensor of every process along dim 0, in rank order (equal b)."""
         if not self.active:
             return t
-        import torch.distributed as td
-
         x = t.detach().to(self._comm_device()).contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]
         td.all_gather(parts, x)
@@ -125,8 +124,6 @@ class Dist:
         """Concatenate a list of picklable items of every process, in rank order."""
         if not self.active:
             return list(items)
-        import torch.distributed as td
-
         out = [None] * self.world
         td.all_gather_object(out, list(items))
         return [x for part in out for x in part]
@@ -135,8 +132,6 @@ class Dist:
         """True on every process if it is true on one (e.g. a time limit reached)."""
         if not self.active:
             return bool(flag)
-        import torch.distributed as td
-
         x = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
         td.all_reduce(x, op=td.ReduceOp.MAX)
         return bool(x.item() > 0)
@@ -145,8 +140,6 @@ class Dist:
         """Mean of every parameter's gradient over the processes (missing gradients count as 0)."""
         if not self.active:
             return
-        import torch.distributed as td
-
         params = list(params)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
                           for p in params]).to(self._comm_device())
@@ -166,8 +159,6 @@ class Dist:
         """Copy rank 0's values of `params` to every process (identical starting weights)."""
         if not self.active:
             return
-        import torch.distributed as td
-
         with torch.no_grad():
             for p in params:
                 x = p.detach().to(self._comm_device()).contiguous()
@@ -176,30 +167,22 @@ class Dist:
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as td
-
             td.barrier()
 
     def close(self) -> None:
         """Leave the process group (at the end of a launched run)."""
         if self.active:
-            import torch.distributed as td
-
             if td.is_initialized():
                 td.barrier()
                 td.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
-        import torch.distributed as td
-
         return torch.device("cpu") if td.get_backend() == "gloo" else self.device
 
 
 def param_checksum(params) -> str:
     """First 16 hex digits of the sha256 of the parameters' float32 bytes: two processes print the
     same checksum iff their weights are bitwise equal (the trainers record one per process)."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in params:
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())

@@ -22,12 +22,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, load, require
-from .errors import UserError
-from .report import MODELS
-from .tasks import TASK_NAMES, task
+import torch
+import yaml
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from .backends import load_checkpoint
+from .backends.tiny import shipped_base_dir
+from .config import PACKAGED_CONFIGS, ConfigError, load, require
+from .errors import UserError
+from .evaluate import evaluate
+from .report import MODELS, write_report
+from .sampling import sample_images
+from .tasks import TASK_NAMES, task
+from .trainers.coldstart import main_coldstart
+from .trainers.grpo import main_grpo
+from .trainers.opd import main_distill
 
 # Per-preset overrides of each stage's config (key=value, as on the command line).
 PRESETS: dict[str, dict] = {
@@ -147,25 +155,19 @@ class Pipeline:
         return st
 
     def s_base(self):
-        from .backends.tiny import shipped_base_dir
-
         self.publish("base", shipped_base_dir())
 
     def s_grpo(self, model: str, config: str, extra: list[str]):
-        from .trainers.grpo import main_grpo
-
         w = self.work(model)
         over = list(self.p["grpo"]) + list(self.rc.grpo) + list(extra)
         over.append(f"init={self.ckpt('base')}")
-        final = main_grpo(REPO_CONFIGS / config, w, over, overwrite=True)
+        final = main_grpo(PACKAGED_CONFIGS / config, w, over, overwrite=True)
         self.publish(model, final)
 
     def teachers(self) -> dict[str, str]:
         return {t: str(self.ckpt(f"teacher-{t}")) for t in TASK_NAMES}
 
     def s_coldstart(self, method: str):
-        from .trainers.coldstart import main_coldstart
-
         w = self.work(f"coldstart-{method}")
         over = [f"base={self.ckpt('base')}"]
         if method == "sft":
@@ -174,14 +176,12 @@ class Pipeline:
         self.publish(f"coldstart-{method}", final)
 
     def s_opd(self, model: str, config: str, extra: list[str]):
-        from .trainers.opd import main_distill
-
         w = self.work(model)
         init = "coldstart-sft" if "sft" in model else "coldstart-merge"
         over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
         over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
         over += list(self.p["distill"]) + list(self.rc.distill) + extra
-        final = main_distill(REPO_CONFIGS / config, w, over, overwrite=True)
+        final = main_distill(PACKAGED_CONFIGS / config, w, over, overwrite=True)
         self.publish(model, final)
 
     def eval_args(self) -> dict:
@@ -193,9 +193,6 @@ class Pipeline:
         return e
 
     def s_eval(self, model: str):
-        from .backends import load_checkpoint
-        from .evaluate import evaluate
-
         backend = load_checkpoint(self.ckpt(model))
         e = self.eval_args()
         metrics, _, _ = evaluate(backend, "test", steps=e["steps"], per_group=e["per_group"], progress=True)
@@ -226,8 +223,6 @@ class Pipeline:
                 continue
             per_step = 1
             if cfg.is_file():
-                import yaml
-
                 c = yaml.safe_load(cfg.read_text()) or {}
                 per_step = int(c.get("prompts_per_step", 1)) * int(c.get("group_size", 1))
             rows = []
@@ -243,10 +238,6 @@ class Pipeline:
         return out
 
     def s_report(self):
-        from .backends import load_checkpoint
-        from .report import write_report
-        from .sampling import sample_images
-
         res = self.results()
         grid_prompts = ["a red square and a blue circle", "three triangles", "a circle left of a square",
                         "a yellow triangle", 'a sign that says "K7"', 'a sign that says "GR4B"']
@@ -283,8 +274,6 @@ class Pipeline:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .tasks import TASK_NAMES
 from .world.prompts import CATEGORIES
@@ -112,10 +113,10 @@ def claims(results: dict) -> list[tuple[str, bool | None, str]]:
 
 def plot_curves(curves: dict, path: Path) -> None:
     """curves: {run: [{"rollouts": n, "reward/<task>": r, ...}, ...]} -> one PNG, a panel per task."""
-    import matplotlib
+    import matplotlib  # heavy to import (~0.5 s): only when a report draws its curves
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     tasks = TASK_NAMES
     fig, axes = plt.subplots(1, len(tasks), figsize=(13 * len(tasks) / 3, 3.6), squeeze=False)
@@ -145,8 +146,6 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 def save_grid(rows: dict, path: Path, scale: int = 3) -> None:
     """rows: {model: uint8 (K, 32, 32, 3)} -> PNG, one row per model (same prompts and seeds)."""
-    from PIL import Image
-
     strips = []
     for imgs in rows.values():
         pad = [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=200) for im in imgs]

@@ -21,11 +21,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from flowopd.backends.base import cond_cat  # noqa: E402
-from flowopd.backends.sd3 import SD3Backend, SD3Error, load_sd3_checkpoint, tiny_sd3_backend, tiny_sd3_components  # noqa: E402
+from flowopd.backends.sd3 import SD3Backend, SD3Error, load_sd3_checkpoint  # noqa: E402
 from flowopd.flow import ode_sample, sde_step, sigma_grid  # noqa: E402
 from flowopd.losses import grpo_loss, mar_loss, opd_direct_loss  # noqa: E402
 from flowopd.rewards import sd3_rewards as R  # noqa: E402
 from flowopd.sampling import guided_velocity  # noqa: E402
+from sd3_tiny import tiny_sd3_backend, tiny_sd3_components  # noqa: E402
 
 PROMPTS = ["a photo of a cat", 'a sign that says "HI"']
 

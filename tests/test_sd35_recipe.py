@@ -20,11 +20,12 @@ import yaml
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend  # noqa: E402
+from flowopd.backends.sd3 import SD3Backend  # noqa: E402
 from flowopd.config import build  # noqa: E402
 from flowopd.trainers import opd as OPD  # noqa: E402
 from flowopd.trainers.grpo import GRPOConfig, train_grpo  # noqa: E402
 from flowopd.trainers.opd import OPDConfig, load_config, train_opd  # noqa: E402
+from sd3_tiny import tiny_sd3_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(resolution=32, max_sequence_length=16, dtype="fp32", device="cpu")

@@ -23,11 +23,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from flowopd.backends import make_backend  # noqa: E402
-from flowopd.backends.sd3 import SD3Backend, tiny_sd3_backend  # noqa: E402
+from flowopd.backends.sd3 import SD3Backend  # noqa: E402
 from flowopd.config import ConfigError, load  # noqa: E402
 from flowopd.prompt_sources import PromptSources, read_prompt_records  # noqa: E402
 from flowopd.trainers.grpo import GRPOConfig  # noqa: E402
 from flowopd.trainers.opd import OPDConfig, load_config  # noqa: E402
+from sd3_tiny import tiny_sd3_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_CONFIGS = sorted(p for p in (ROOT / "configs").glob("sd35m_grpo_*.yaml") if p.stem != "sd35m_grpo_mix")  # teachers

@@ -1,6 +1,7 @@
 """Model back ends: the built-in tiny model (toy world) and SD3 through diffusers."""
 from ..config import ConfigError
 from .base import Backend
+from .sd3 import SD3Backend  # imports no diffusers: building one does (flowopd[sd3])
 from .tiny import TinyBackend, CheckpointError, load_checkpoint, save_checkpoint, resolve_checkpoint
 
 
@@ -17,8 +18,6 @@ def make_backend(cfg, checkpoint: str | None = None, device=None):
     if kind == "tiny":
         return load_checkpoint(checkpoint or "base", device)
     if kind == "sd3":
-        from .sd3 import SD3Backend  # the diffusers back end: loaded only for backend sd3
-
         if not cfg.model:
             raise ConfigError("backend sd3 needs model (a StableDiffusion3Pipeline directory or hub id)")
         return SD3Backend.from_pretrained(
@@ -29,4 +28,4 @@ def make_backend(cfg, checkpoint: str | None = None, device=None):
 
 
 __all__ = ["Backend", "TinyBackend", "CheckpointError", "load_checkpoint", "make_backend", "save_checkpoint",
-           "resolve_checkpoint"]
+           "resolve_checkpoint", "SD3Backend"]

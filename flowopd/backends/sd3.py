@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..config import ConfigError
 from ..errors import UserError
@@ -89,7 +91,7 @@ def _local_or_hub(path: str | Path) -> Path:
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
         return p
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional (comes with flowopd[sd3]): only for hub ids
 
         return Path(snapshot_download(s))
     except Exception as e:  # offline, unknown repo, no access: all mean "not found" here
@@ -98,8 +100,8 @@ def _local_or_hub(path: str | Path) -> Path:
 
 def _diffusers():
     try:
-        import diffusers
-        import transformers  # noqa: F401  (the text encoders)
+        import diffusers  # optional (flowopd[sd3]) and heavy: only when an SD3 back end is built
+        import transformers  # noqa: F401  (the text encoders; optional and heavy, as diffusers)
     except ImportError as e:
         raise SD3Error(f"the SD3 back end needs diffusers and transformers ({e.name} is missing): "
                        "pip install 'flowopd[sd3]'") from None
@@ -108,7 +110,7 @@ def _diffusers():
 
 def _peft_tuner_layer():
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer  # peft imports transformers (heavy)
     except ImportError:
         raise SD3Error("LoRA adapters need peft: pip install 'flowopd[sd3]'") from None
     return BaseTunerLayer
@@ -118,8 +120,8 @@ class SD3Backend:
     """SD3/SD3.5 transformer + VAE + text encoders, with named LoRA adapters. See the module doc.
 
     Build with `SD3Backend.from_pretrained(path_or_hub_id, ...)`, or from already-built components
-    with `SD3Backend(transformer, vae, text_encoders, tokenizers, ...)` (tests use tiny ones, see
-    `tiny_sd3_components`).
+    with `SD3Backend(transformer, vae, text_encoders, tokenizers, ...)` (the tests use tiny random ones,
+    tests/sd3_tiny.py).
     """
 
     name = "sd3"
@@ -301,7 +303,7 @@ class SD3Backend:
         """Add a named LoRA over the frozen transformer and make it active. init: peft's
         init_lora_weights ("gaussian" as Flow-GRPO: B = 0, so the adapter starts as the identity;
         False: random A and B, a non-trivial adapter for tests). `config`: a ready LoraConfig."""
-        from peft import LoraConfig
+        from peft import LoraConfig  # peft imports transformers (heavy): only when adapters are used
 
         if name in self.adapters:
             raise SD3Error(f"adapter {name!r} exists already; have {self.adapters}")
@@ -388,7 +390,7 @@ class SD3Backend:
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's weights with diffusers/peft keys (transformer_blocks.0.attn.to_q.lora_A.weight)."""
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict  # heavy (transformers), as in add_adapter
 
         self._check(name)
         return get_peft_model_state_dict(self.transformer, adapter_name=name)
@@ -440,8 +442,7 @@ class SD3Backend:
         pytorch_lora_weights.safetensors, or that file) or peft's (a directory with adapter_config.json
         and adapter_model.safetensors, e.g. Flow-GRPO's released checkpoints); `path` may be a hub id. Loaded adapters are frozen
         (teachers) unless trainable=True. The previously active adapter stays active."""
-        from peft import LoraConfig, set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from peft import LoraConfig, set_peft_model_state_dict  # heavy (transformers), as in add_adapter
 
         if name in self.adapters:
             raise SD3Error(f"adapter {name!r} exists already; have {self.adapters}")
@@ -464,8 +465,6 @@ class SD3Backend:
             f = p if p.is_file() else p / LORA_WEIGHT_NAME
             if not f.is_file():
                 raise SD3Error(f"no LoRA found at {p} (expected {LORA_WEIGHT_NAME} or adapter_config.json)")
-            from safetensors import safe_open
-
             try:
                 with safe_open(str(f), "pt") as fh:  # pipeline files prefix keys with "transformer."; a
                     keys = list(fh.keys())            # transformer's own save_lora_adapter does not
@@ -533,61 +532,4 @@ def load_sd3_checkpoint(path: str | Path, *, device="cpu", dtype="bf16", model: 
     return backend
 
 
-# ----------------------------------------------------------------------------- tiny components
-
-
-def tiny_sd3_components(seed: int = 0, *, num_layers: int = 2, dual_attention_layers=(0,), t5: bool = True,
-                        latent_channels: int = 4):
-    """Random tiny SD3.5-shaped components, built from configs offline (for tests and benchmarks):
-    (transformer, vae, (clip_l, clip_g, t5), (tok, tok, tok)). The transformer has `num_layers`
-    MMDiT blocks (the last one context_pre_only, as in SD3; 2 layers so that to_add_out exists)
-    with SD3.5's dual attention and RMS qk-norm; the VAE downsamples by 2; the text encoders are
-    2-layer CLIPs (width 16, projection 8) and a 1-layer T5 (width 32); the tokenizer is a
-    byte-level CLIP BPE with no merges (one token per character). Same seed, same weights."""
-    _diffusers()
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    for suffix in ("", "</w>"):
-        for c in alphabet:
-            vocab.setdefault(c + suffix, len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-    torch.manual_seed(seed)
-    clip_cfg = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=77, projection_dim=8, bos_token_id=0,
-                    eos_token_id=1, pad_token_id=1, hidden_act="gelu")
-    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
-    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
-    t5_model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                       num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                       pad_token_id=1, eos_token_id=1, decoder_start_token_id=0)).eval() if t5 else None
-    transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=latent_channels, out_channels=latent_channels,
-        num_layers=num_layers, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16,
-        dual_attention_layers=tuple(dual_attention_layers), qk_norm="rms_norm")
-    with torch.no_grad():  # the output projection starts at zero in diffusers: make velocity non-trivial
-        for p in transformer.proj_out.parameters():
-            p.normal_(0, 0.1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=latent_channels, layers_per_block=1, norm_num_groups=4, sample_size=32,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                        use_post_quant_conv=False).eval()
-    return transformer.eval(), vae, (clip_l, clip_g, t5_model), (tok, tok, tok if t5 else None)
-
-
-def tiny_sd3_backend(seed: int = 0, resolution: int = 32, **kwargs) -> SD3Backend:
-    """An SD3Backend over `tiny_sd3_components(seed)` (CPU, float32 unless told), T5 length 16."""
-    build = {k: kwargs.pop(k) for k in ("num_layers", "dual_attention_layers", "t5", "latent_channels") if k in kwargs}
-    tr, vae, tes, toks = tiny_sd3_components(seed, **build)
-    kwargs.setdefault("max_sequence_length", 16)
-    return SD3Backend(tr, vae, tes, toks, resolution=resolution, model_id=f"tiny-sd3:{seed}", **kwargs)
-
-
-__all__ = ["LORA_ALPHA", "LORA_RANK", "LORA_TARGETS", "SD3Backend", "SD3Error", "load_sd3_checkpoint",
-           "tiny_sd3_backend", "tiny_sd3_components"]
+__all__ = ["LORA_ALPHA", "LORA_RANK", "LORA_TARGETS", "SD3Backend", "SD3Error", "load_sd3_checkpoint"]

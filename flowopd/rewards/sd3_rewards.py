@@ -46,6 +46,7 @@ Definitions (each as in Flow-GRPO's code, yifan123/flow_grpo, unless said otherw
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -59,6 +60,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from ..errors import UserError
 
@@ -85,8 +88,6 @@ def _env(name: str, default: str | None) -> str | None:
 
 
 def _require(module: str, pip: str, extra: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -96,8 +97,6 @@ def _require(module: str, pip: str, extra: str):
 
 
 def _pil_images(images) -> list:
-    from PIL import Image
-
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (B, H, W, 3), got {arr.dtype} {arr.shape}")
@@ -292,8 +291,6 @@ def make_aesthetic_reward(weights: str | Path | None = None, clip_model: str | N
             f"({'not found: ' + str(path) if path else 'none given'}): download sac+logos+ava1-l14-linearMSE.pth "
             "from the LAION-AI/aesthetic-predictor project and pass weights=PATH or set FLOWOPD_AESTHETIC_WEIGHTS")
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         sd = load_file(str(path))
     else:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,11 +1,11 @@
-"""Sweep of compose-teacher GRPO settings: train each variant of configs/toy_grpo_compose.yaml,
+"""Sweep of compose-teacher GRPO settings: train each variant of the packaged configs/toy_grpo_compose.yaml,
 evaluate every saved checkpoint on the whole test split, append one JSON line per checkpoint.
 
-    python benchmarks/compose_sweep.py --out OUT --device cuda [--sweep a|b] [--runs NAME,...] [--scale 1.0]
+    python experiments/compose_sweep.py --out OUT --device cuda [--sweep a|b] [--runs NAME,...] [--scale 1.0]
 
 Runs go in parallel (one process each; on a GPU machine 14 at once fit). `--scale 0.05` shrinks
 every budget for a smoke run. Results of the two sweeps run on one H200 (2026-11-26) are in
-benchmarks/results/compose_sweep_h200_{a,b}.jsonl: no variant lifted compose above 0.70 from the
+experiments/results/compose_sweep_h200_{a,b}.jsonl: no variant lifted compose above 0.70 from the
 base's 0.62 (see the issue notes); train_s there is under 14 concurrent runs.
 """
 from __future__ import annotations
@@ -17,7 +17,9 @@ import os
 import time
 import traceback
 
-BASE = "configs/toy_grpo_compose.yaml"
+from flowopd.config import PACKAGED_CONFIGS
+
+BASE = PACKAGED_CONFIGS / "toy_grpo_compose.yaml"
 HARD = "categories=[two_object,counting,position,color_attr]"
 G32 = ["group_size=32", "prompts_per_step=4"]
 SWEEPS = {

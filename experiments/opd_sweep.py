@@ -1,12 +1,12 @@
 """Teachers, GRPO-Mix and Flow-OPD variants in parallel processes, each evaluated on the test split.
 
-    python benchmarks/opd_sweep.py --out OUT [--device cuda] [--quick]
+    python experiments/opd_sweep.py --out OUT [--device cuda] [--quick]
 
-Trains the three teachers and GRPO-Mix with the shipped configs, then OPD variants of
+Trains the three teachers and GRPO-Mix with the packaged configs, then OPD variants of
 configs/toy_opd_{merge,sft}.yaml from those teachers (merge, merge with beta 0, sft, pg rule,
 60 iterations, beta 0.3, reward routing, lr 3e-4); appends one JSON line per model to
 OUT/results.jsonl. `--quick` shrinks every budget and the evaluation (smoke run). One run on an
-H200 (12 processes, 2026-11-26) is in benchmarks/results/opd_sweep_h200.jsonl (OPD runs there
+H200 (12 processes, 2026-11-26) is in experiments/results/opd_sweep_h200.jsonl (OPD runs there
 were capped at 3 minutes; none hit the cap).
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+
+from flowopd.config import PACKAGED_CONFIGS
 
 TEACHERS = {"teacher-compose": "toy_grpo_compose", "teacher-text": "toy_grpo_text",
             "teacher-quality": "toy_grpo_quality", "grpo-mix": "toy_grpo_mix"}
@@ -56,7 +58,7 @@ def _grpo(job):
         from flowopd.trainers.grpo import main_grpo
 
         t = time.time()
-        final = main_grpo(f"configs/{TEACHERS[name]}.yaml", os.path.join(a.out, "runs", name),
+        final = main_grpo(PACKAGED_CONFIGS / f"{TEACHERS[name]}.yaml", os.path.join(a.out, "runs", name),
                           (QUICK_GRPO if a.quick else []) + [f"device={a.device}"])
         print(name, "trained in", round(time.time() - t, 1), "s", flush=True)
         _evaluate(a, name, str(final))
@@ -75,7 +77,7 @@ def _opd(job):
         if "sft" in name and a.quick:
             ov += QUICK_SFT
         t = time.time()
-        final = main_distill(f"configs/{config}.yaml", os.path.join(runs, name), ov)
+        final = main_distill(PACKAGED_CONFIGS / f"{config}.yaml", os.path.join(runs, name), ov)
         print(name, "trained in", round(time.time() - t, 1), "s", flush=True)
         _evaluate(a, name, str(final))
     except Exception:

@@ -5,10 +5,10 @@ training prompt (the world's renderer) instead of a rewarded rollout. The update
 flowopd.losses.nft_loss with r = 1, i.e. flow matching of the guided velocity toward the render:
 the NFT objective when every sample is a winner.
 
-    python benchmarks/compose_ceiling.py [--samples 6144] [--eval-every 2048] [--out FILE]
-    python benchmarks/compose_ceiling.py --objective fm --rank 32 --batch 64 --timesteps 1 \
+    python experiments/compose_ceiling.py [--samples 6144] [--eval-every 2048] [--out FILE]
+    python experiments/compose_ceiling.py --objective fm --rank 32 --batch 64 --timesteps 1 \
         --samples 19200 --eval-every 6400          # plain flow matching, as in pretraining
-    python benchmarks/compose_ceiling.py --objective fm --rank 0 --lr 1e-3 --batch 64 --timesteps 1 \
+    python experiments/compose_ceiling.py --objective fm --rank 0 --lr 1e-3 --batch 64 --timesteps 1 \
         --categories position --samples 19200 --eval-every 6400   # full fine-tune, position only
 
 `--objective fm` is the pretraining loss instead (the conditional velocity, prompts dropped with
@@ -18,7 +18,7 @@ draws the training prompts from those categories only. Each record also holds th
 combinations shows apart from generalising to the test split's held-out ones.
 
 Appends one JSON line per evaluation (samples seen, compose and its categories on the whole test
-split) to --out (default benchmarks/results/compose_ceiling_cpu.jsonl). About 10 minutes on a
+split) to --out (default: experiments/results/compose_ceiling_cpu.jsonl beside this script). About 10 minutes on a
 2-core CPU for the default 6144 samples (three evaluations).
 """
 from __future__ import annotations
@@ -26,23 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flowopd.backends import load_checkpoint
+from flowopd.flow import interpolate
+from flowopd.losses import flow_matching_loss, logit_normal_sigmas, nft_loss
+from flowopd.sampling import guided_velocity, sample_images
+from flowopd.world.prompts import get_split, sample_prompt, train_prompts
+from flowopd.world.render import render, to_model_space
+from flowopd.world.scoring import compose_reward, score_images
 
-from flowopd.backends import load_checkpoint  # noqa: E402
-from flowopd.flow import interpolate  # noqa: E402
-from flowopd.losses import flow_matching_loss, logit_normal_sigmas, nft_loss  # noqa: E402
-from flowopd.sampling import guided_velocity, sample_images  # noqa: E402
-from flowopd.world.prompts import get_split, sample_prompt, train_prompts  # noqa: E402
-from flowopd.world.render import render, to_model_space  # noqa: E402
-from flowopd.world.scoring import compose_reward, score_images  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"  # experiments/results, whatever the working directory
 
 
 def main() -> None:
@@ -57,7 +55,7 @@ def main() -> None:
                     help="guided: the NFT update with r = 1 on the guided velocity; fm: pretraining's loss")
     ap.add_argument("--categories", default="", help="comma-separated compose categories (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/compose_ceiling_cpu.jsonl"))
+    ap.add_argument("--out", default=str(RESULTS / "compose_ceiling_cpu.jsonl"))
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)

@@ -1,6 +1,6 @@
 """Why a checkpoint fails the compose task: word-order sensitivity and a breakdown of failures.
 
-    python benchmarks/compose_probe.py [--checkpoint base] [--seeds 64] [--per-split 128] [--out FILE]
+    python experiments/compose_probe.py [--checkpoint base] [--seeds 64] [--per-split 128] [--out FILE]
 
 1. Word order. Pairs of prompts with the same words in another order ("a circle left of a square"
    / "a square left of a circle", "... left of ..." / "... right of ...", "a red square and a blue
@@ -16,7 +16,7 @@
    reversed / too weak (under 3 px), shapes wrong, colours wrong, binding swapped; for one
    object or a count, shapes or colours wrong.
 
-Writes one JSON object to --out (default benchmarks/results/compose_probe_cpu.json); about 13
+Writes one JSON object to --out (default: experiments/results/compose_probe_cpu.json beside this script); about 13
 minutes on a 2-core CPU.
 """
 from __future__ import annotations
@@ -24,20 +24,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flowopd.backends import load_checkpoint
+from flowopd.sampling import sample_images
+from flowopd.world.prompts import CATEGORIES, make_prompt, test_prompts_of, train_prompts
+from flowopd.world.render import relation_holds
+from flowopd.world.scoring import compose_correct, detect_objects
 
-from flowopd.backends import load_checkpoint  # noqa: E402
-from flowopd.sampling import sample_images  # noqa: E402
-from flowopd.world.prompts import CATEGORIES, make_prompt, test_prompts_of, train_prompts  # noqa: E402
-from flowopd.world.render import relation_holds  # noqa: E402
-from flowopd.world.scoring import compose_correct, detect_objects  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"  # experiments/results, whatever the working directory
 
 ORDER_PAIRS = [
     ("a circle left of a square", "a square left of a circle"),
@@ -115,7 +113,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="base")
     ap.add_argument("--seeds", type=int, default=64, help="noises per word-order pair")
     ap.add_argument("--per-split", type=int, default=128, help="prompts per category and split")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/compose_probe_cpu.json"))
+    ap.add_argument("--out", default=str(RESULTS / "compose_probe_cpu.json"))
     a = ap.parse_args()
     backend = load_checkpoint(a.checkpoint)
     t0 = time.time()
