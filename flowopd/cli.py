@@ -116,11 +116,16 @@ def _check_resume(args) -> None:
             raise UserError(f"--resume: no complete checkpoint in {Path(args.out) / 'state'}")
 
 
-def cmd_grpo(args) -> int:
-    final = main_grpo(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
+def _train(main_fn, args) -> int:
+    """grpo and distill: run the trainer on --config/--model/--out, name its final checkpoint (rank 0)."""
+    final = main_fn(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
     if _rank0():
         print(f"final checkpoint: {final}", file=sys.stderr)
     return 0
+
+
+def cmd_grpo(args) -> int:
+    return _train(main_grpo, args)
 
 
 def cmd_coldstart(args) -> int:
@@ -131,10 +136,7 @@ def cmd_coldstart(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    final = main_distill(args.config, args.out, _model_overrides(args), overwrite=args.overwrite, resume=args.resume)
-    if _rank0():
-        print(f"final checkpoint: {final}", file=sys.stderr)
-    return 0
+    return _train(main_distill, args)
 
 
 def cmd_run(args) -> int:

@@ -170,25 +170,34 @@ class Batches:
         return self.x[idx], ids, slots
 
 
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":  # fast kernels: cudnn autotuning, TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def _model(cfg: PretrainConfig, device) -> TinyUNet:
+    """Random weights (seeded by the caller), or the `init` checkpoint's to continue from."""
+    if cfg.init:
+        return load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
+    return TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
     """Pretrain (or continue, `init`) the tiny model; write out/run.json, out/train_log.jsonl,
     out/state, out/final (and out/step_* at save_at). A rerun on the same --out resumes. -> out/final."""
     out = Path(out)
     _prepare_out(cfg, out, overwrite)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = _device(cfg.device)
     t0 = time.time()
 
     # 0. data: renders of training prompts, made once
     data = Batches(cfg, device)
     render_s = time.time() - t0
-    if cfg.init:  # continued pretraining: the checkpoint's weights and model config
-        model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
-    else:
-        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
+    model = _model(cfg, device)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
     params = dict(model.named_parameters())
     ema = EMA(params.values(), cfg.ema_decay)

@@ -20,7 +20,6 @@ blank or noise images.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import time
 import warnings
@@ -34,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .prompts import COLORS, SHAPES, Prompt, Spec, parse, sample_prompt
-from .quality import DEGRADATIONS, JUNK, degrade, junk, save_model
+from .quality import DEGRADATIONS, JUNK, conv_relu, degrade, fit, junk, load_frozen, retrain_main, save_model
 from .render import SIZE, as_uint8_images, draw_objects, draw_text, layout, render, centre, to_model_space, font
 
 WEIGHTS = "features.safetensors"
@@ -96,14 +95,8 @@ class FeatureNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(32 * 4 * 4, FEATURE_DIM),
-        )  # fmt: skip
+        self.body = nn.Sequential(*conv_relu([(3, 16, 1), (16, 32, 2), (32, 64, 2), (64, 32, 2)]),
+                                  nn.Flatten(), nn.Linear(32 * 4 * 4, FEATURE_DIM))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURE_DIM, N_ATTR))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,26 +116,9 @@ def train_feature_model(seed: int = 0, steps: int = 2000, n_data: int = 16000, b
                         lr: float = 2e-3, log_every: int = 500) -> FeatureNet:
     """Train the feature network deterministically on the CPU."""
     torch.manual_seed(seed)
-    t0 = time.time()
     imgs, attrs = make_feature_data(n_data, seed)
-    x_all = torch.from_numpy(to_model_space(imgs))
-    y_all = torch.from_numpy(attrs)
-    model = FeatureNet()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(0, len(x_all), (batch,), generator=gen)
-        loss = _loss(model(x_all[idx])[1], y_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"features step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"features: total {time.time() - t0:.1f}s, {n} params", flush=True)
-    return model.eval()
+    data = (torch.from_numpy(to_model_space(imgs)), torch.from_numpy(attrs))
+    return fit("features", FeatureNet(), data, lambda out, y: _loss(out[1], y), seed, steps, batch, lr, log_every)
 
 
 def weights_path() -> Path:
@@ -152,15 +128,7 @@ def weights_path() -> Path:
 @lru_cache(maxsize=None)
 def feature_model() -> FeatureNet:
     """The shipped feature network (loaded once, eval mode, CPU)."""
-    path = weights_path()
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.fidelity` to train it")
-    with torch.random.fork_rng(devices=[]):  # loading it must not move the global RNG (resumed runs
-        model = FeatureNet()                       # load it at another step than runs that never stopped)
-    model.load_state_dict(load_file(str(path)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return load_frozen(FeatureNet, weights_path(), "flowopd.world.fidelity")
 
 
 def features(images, batch: int = 512) -> np.ndarray:
@@ -214,15 +182,7 @@ def fidelity(images, prompts, seed: int = 0) -> float:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Retrain the toy world's feature network and rewrite its weights.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--out", type=Path, default=None, help="default: the package's weights file")
-    args = ap.parse_args(argv)
-    model = train_feature_model(seed=args.seed, steps=args.steps)
-    out = args.out or weights_path()
-    save_model(model, out)
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    retrain_main("feature network", train_feature_model, 2000, weights_path(), argv)
 
 
 if __name__ == "__main__":

@@ -160,18 +160,20 @@ def make_quality_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- model
 
 
+def conv_relu(layers: list[tuple[int, int, int]]) -> list[nn.Module]:
+    """3x3 convolutions (in, out, stride), padding 1, each followed by a ReLU."""
+    out: list[nn.Module] = []
+    for cin, cout, stride in layers:
+        out += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU()]
+    return out
+
+
 class QualityNet(nn.Module):
     """conv 16 -> 32/2 -> 32 -> 64/2 -> 64/2, mean+max pooling, linear -> logit."""
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-        )  # fmt: skip
+        self.body = nn.Sequential(*conv_relu([(3, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 2)]))
         self.head = nn.Linear(128, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,32 +186,35 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_quality_model(seed: int = 0, steps: int = 3500, n_data: int = 20000, batch: int = 128,
-                        lr: float = 2e-3, log_every: int = 500) -> QualityNet:
-    """Train the quality model deterministically on the CPU (fixed data, steps, seed)."""
-    torch.manual_seed(seed)
+def fit(name: str, model: nn.Module, data, loss_fn, seed: int, steps: int, batch: int, lr: float,
+        log_every: int) -> nn.Module:
+    """Train a world network deterministically on the CPU: Adam with a one-cycle schedule on random
+    batches of data = (x, y) (model-space images, targets); loss_fn(model(x), y). -> the model (eval)."""
     t0 = time.time()
-    imgs, ys = make_quality_data(n_data, seed)
-    x_all = torch.from_numpy(to_model_space(imgs))
-    y_all = torch.from_numpy(ys)
-    t_data = time.time() - t0
-    model = QualityNet()
+    x_all, y_all = data
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.BCEWithLogitsLoss()
     for step in range(steps):
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
-        x = x_all[idx]
-        loss = loss_fn(model(x), y_all[idx])
+        loss = loss_fn(model(x_all[idx]), y_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"quality step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    print(f"quality: data {t_data:.1f}s, total {time.time() - t0:.1f}s, {n_params(model)} params", flush=True)
+            print(f"{name} step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    print(f"{name}: {time.time() - t0:.1f}s training, {n_params(model)} params", flush=True)
     return model.eval()
+
+
+def train_quality_model(seed: int = 0, steps: int = 3500, n_data: int = 20000, batch: int = 128,
+                        lr: float = 2e-3, log_every: int = 500) -> QualityNet:
+    """Train the quality model deterministically on the CPU (fixed data, steps, seed)."""
+    torch.manual_seed(seed)
+    imgs, ys = make_quality_data(n_data, seed)
+    data = (torch.from_numpy(to_model_space(imgs)), torch.from_numpy(ys))
+    return fit("quality", QualityNet(), data, nn.BCEWithLogitsLoss(), seed, steps, batch, lr, log_every)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -224,18 +229,23 @@ def save_model(model: nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-@lru_cache(maxsize=None)
-def quality_model() -> QualityNet:
-    """The shipped quality model (loaded once, eval mode, CPU, no gradients needed)."""
-    path = weights_path()
+def load_frozen(cls, path: Path, module: str) -> nn.Module:
+    """A shipped world network: cls() with the weights at path, frozen, eval mode, CPU. `module`
+    retrains it when the file is missing."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run `python -m flowopd.world.quality` to train it")
+        raise FileNotFoundError(f"{path} is missing; run `python -m {module}` to train it")
     with torch.random.fork_rng(devices=[]):  # loading it must not move the global RNG (resumed runs
-        model = QualityNet()                       # load it at another step than runs that never stopped)
+        model = cls()                              # load it at another step than runs that never stopped)
     model.load_state_dict(load_file(str(path)))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+@lru_cache(maxsize=None)
+def quality_model() -> QualityNet:
+    """The shipped quality model (loaded once, eval mode, CPU, no gradients needed)."""
+    return load_frozen(QualityNet, weights_path(), "flowopd.world.quality")
 
 
 def quality_score_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -265,16 +275,22 @@ def quality_score(images, batch: int = 512) -> np.ndarray:
     return np.clip(np.concatenate(out), 0.0, 1.0).astype(np.float32)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Retrain the toy world's quality model and rewrite its weights.")
+def retrain_main(what: str, train, default_steps: int, default_out: Path, argv=None) -> None:
+    """The command line of a world network's retraining: --seed, --steps, --out (default: the
+    package's weights file); train(seed=, steps=) -> the model, written with save_model."""
+    ap = argparse.ArgumentParser(description=f"Retrain the toy world's {what} and rewrite its weights.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3500)
+    ap.add_argument("--steps", type=int, default=default_steps)
     ap.add_argument("--out", type=Path, default=None, help="default: the package's weights file")
     args = ap.parse_args(argv)
-    model = train_quality_model(seed=args.seed, steps=args.steps)
-    out = args.out or weights_path()
+    model = train(seed=args.seed, steps=args.steps)
+    out = args.out or default_out
     save_model(model, out)
     print(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+def main(argv=None) -> None:
+    retrain_main("quality model", train_quality_model, 3500, weights_path(), argv)
 
 
 if __name__ == "__main__":
