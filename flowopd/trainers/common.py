@@ -250,7 +250,6 @@ def optimizer_step(opt, params, run, step: int, loss_ok: bool, grad_clip: float,
     return gnorm, stepped
 
 
-
 class Accumulation:
     """Gradient accumulation of one iteration's update: each micro-batch's terms go backward scaled
     so that a group of grad_accum micro-batches (the last group may be smaller) sums to its mean;
@@ -273,6 +272,7 @@ class Accumulation:
             self.gnorm, stepped = optimizer_step(p.opt, p.params, p.run, self.step, self.ok, p.cfg.grad_clip, p.dist, p.ema)
             self.n_opt += stepped
             self.ok = True
+
 
 class Evaluator:
     """Evaluation during training (eval_every): one ODE sample (eval_steps, eval_cfg, the training
