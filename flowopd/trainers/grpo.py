@@ -50,8 +50,6 @@ writes logs and checkpoints. Batch keys (prompts_per_step, grad_accum) are globa
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -67,7 +65,7 @@ from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule, optimizer_step,
+from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule,
                      resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
                      end_step, finish_run)
 from .runlog import NullLogger, RunLogger

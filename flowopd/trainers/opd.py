@@ -56,9 +56,6 @@ is by task there.
 """
 from __future__ import annotations
 
-import json
-import math
-import random
 import time
 import warnings
 from contextlib import nullcontext
@@ -77,7 +74,7 @@ from ..backends.tiny import LORA_TARGETS
 from ..prompt_sources import PromptSources
 from ..rewards import get_reward, per_task, task_reward_names
 from .checkpointing import RunState, identity, prepare_out
-from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, check_schedule, lora_init_value, optimizer_step,
+from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, check_schedule, lora_init_value,
                      resolve_backend_keys, rollout_batch, schedule_counts, score_tasks, start_run,
                      task_counts, end_step, finish_run)
 from .runlog import NullLogger, RunLogger

@@ -22,7 +22,6 @@ import json
 import math
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context

@@ -21,7 +21,6 @@ blank or noise images.
 from __future__ import annotations
 
 import random
-import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -29,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .prompts import COLORS, SHAPES, Prompt, Spec, parse, sample_prompt
-from .quality import DEGRADATIONS, JUNK, conv_relu, degrade, fit, junk, load_frozen, retrain_main, save_model
+from .quality import DEGRADATIONS, JUNK, conv_relu, degrade, fit, junk, load_frozen, retrain_main
 from .render import SIZE, as_uint8_images, draw_objects, draw_text, layout, render, centre, to_model_space, font
 
 WEIGHTS = "features.safetensors"
