@@ -32,7 +32,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .report import MODELS, write_report
 from .sampling import sample_images
-from .tasks import TASK_NAMES, task
+from .tasks import TASK_NAMES, TOY_TASKS
 from .trainers.coldstart import main_coldstart
 from .trainers.grpo import main_grpo
 from .trainers.opd import main_distill
@@ -140,9 +140,9 @@ class Pipeline:
     # ---- stages ----------------------------------------------------------------
     def stage_list(self):
         st = [("base", self.s_base)]
-        for t in TASK_NAMES:
-            st.append((f"teacher-{t}", lambda t=t: self.s_grpo(f"teacher-{t}", task(t).teacher_config,
-                                                               self.rc.teachers.get(t, []))))
+        for tk in TOY_TASKS:
+            st.append((f"teacher-{tk.name}", lambda tk=tk: self.s_grpo(f"teacher-{tk.name}", tk.teacher_config,
+                                                                       self.rc.teachers.get(tk.name, []))))
         st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", self.rc.grpo_mix)))
         st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
         st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))

@@ -31,10 +31,3 @@ DEFAULT_TASK_REWARDS: dict[str, str] = {t.name: t.reward for t in TOY_TASKS}
 if TASK_NAMES != tuple(WORLD_TASKS):  # the registry and the world's grammar name the same tasks
     raise ImportError(f"flowopd.tasks lists {TASK_NAMES}, the world's grammar {tuple(WORLD_TASKS)}")
 
-
-def task(name: str) -> Task:
-    """The registered toy task of that name (KeyError naming the known ones otherwise)."""
-    for t in TOY_TASKS:
-        if t.name == name:
-            return t
-    raise KeyError(f"unknown task {name!r}; tasks are {', '.join(TASK_NAMES)}")

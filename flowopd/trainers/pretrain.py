@@ -203,7 +203,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    counts = {"loss_avg": None, "ema_updates": 0}  # kept in the run state with the scheduler's
+    # the scheduler counts the updates taken (skipped ones excluded): the EMA's update count
+    counts = {"loss_avg": None}  # kept in the run state with the scheduler's
     run = RunState(out, params, opt, every=cfg.state_every, max_bad=cfg.max_bad_steps, ema=ema.shadow,
                    generators={"data": gen}, info=lambda: {"sched": sched.state_dict(), **counts})
     start = run.resume()
@@ -220,7 +221,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         shadow = dict(zip(params, ema.shadow))
         sampling = {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift}
         backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
-        save_checkpoint(backend, out / name, meta, debiased_ema(shadow, init, cfg.ema_decay, counts["ema_updates"]))
+        save_checkpoint(backend, out / name, meta, debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch))
 
     save_at = set(cfg.save_at)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", mininterval=2, initial=start, total=cfg.steps)
@@ -241,7 +242,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
                                     ema=ema)
         if stepped:
             sched.step()
-            counts["ema_updates"] += 1
         # 4. log, save
         if step % 10 == 0 or step == 1:
             lv = loss.item()
