@@ -92,6 +92,8 @@ def cmd_score(args) -> int:
 
 def cmd_pretrain(args) -> int:
     cfg = load(PretrainConfig, args.config, args.overrides)
+    given = {o.split("=", 1)[0].lstrip("-").replace("-", "_") for o in args.overrides}
+    cfg.stages = [{k: v for k, v in st.items() if k not in given} for st in cfg.stages]  # the command line wins
     _device(cfg.device)
     _check_resume(args)
     final = pretrain(cfg, args.out, overwrite=args.overwrite)

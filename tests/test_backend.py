@@ -120,3 +120,25 @@ def test_named_adapters_share_one_base(tiny_backend):
             v_0 = tiny_backend.velocity(x, s, tiny_backend.encode_prompts(["a red square"]))
     assert not torch.allclose(v_a, v_base, atol=1e-4)
     assert torch.allclose(v_b, v_base, atol=1e-6) and torch.allclose(v_0, v_base, atol=1e-6)
+
+
+def test_role_embedding_tells_the_two_objects_apart_and_round_trips(tmp_path):
+    from flowopd.backends.tiny import TinyBackend, save_checkpoint
+    from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+    tok = Tokenizer()
+    model = TinyUNet(TinyConfig(channels=(8, 8, 8), roles=True))
+    ids, _ = tok.batch(["a red square and a blue circle", "a circle left of a square", "three squares",
+                        'a sign that says "AB"'])
+    roles = model.text.roles(ids)
+    assert roles[0, :7].tolist() == [0, 0, 0, 1, 2, 2, 2]  # first object, "and", second object
+    assert roles[1, :6].tolist() == [0, 0, 1, 1, 2, 2]  # "left of" is one connective
+    assert roles[2, :2].tolist() == [0, 0] and roles[3].max() == 0  # one object; a sign has no roles
+    torch.nn.init.normal_(model.text.role.weight)
+    save_checkpoint(TinyBackend(model, "cpu"), tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["model"]["roles"] is True
+    back = load_checkpoint(tmp_path / "ck").model
+    assert back.cfg.roles and torch.equal(back.text.role.weight, model.text.role.weight)
+    # a model without roles has no such parameters (format 1 checkpoints keep loading as they were)
+    assert not any("role" in k for k in TinyUNet(TinyConfig(channels=(8, 8, 8))).state_dict())

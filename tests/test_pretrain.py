@@ -55,3 +55,42 @@ def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
     assert all(torch.allclose(v, w0[k], atol=1e-3) for k, v in got.model.state_dict().items())
     with pytest.raises(ConfigError, match="unknown categories"):
         load(PretrainConfig, None, ["category_weights={spatial: 2}"])
+
+
+def test_stages_run_in_turn_each_continuing_from_the_last_and_a_rerun_skips_finished_ones(tmp_path):
+    import json
+
+    from flowopd.backends import load_checkpoint
+    from flowopd.trainers.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(steps=2, batch_size=4, dataset_size=8, channels=[8, 8, 8], state_every=0, warmup=1,
+                         stages=[{"text_fraction": 0.0}, {"steps": 1, "lr": 1e-9, "ema_decay": 0.5}])
+    final = pretrain(cfg, tmp_path / "run")
+    s0, s1 = tmp_path / "run" / "stage_0", tmp_path / "run" / "stage_1"
+    assert json.loads((s0 / "run.json").read_text())["text_fraction"] == 0.0
+    run1 = json.loads((s1 / "run.json").read_text())
+    assert run1["init"] == str(s0 / "final") and run1["lr"] == 1e-9 and run1["text_fraction"] == 0.4
+    # the shipped weights are the last stage's; the recipe is the whole curriculum, the steps their sum
+    w_final, w_last = load_checkpoint(final).model.state_dict(), load_checkpoint(s1 / "final").model.state_dict()
+    assert all(torch.equal(v, w_last[k]) for k, v in w_final.items())
+    meta = json.loads((final / "config.json").read_text())["meta"]
+    assert meta["step"] == 3 and meta["recipe"]["stages"] == cfg.stages
+    # stage 1 (one step at lr 1e-9) keeps stage 0's weights: it continued from them
+    w0 = load_checkpoint(s0 / "final").model.state_dict()
+    assert all(torch.allclose(v, w0[k], atol=1e-4) for k, v in w_last.items())
+    # a rerun finds both stages done and trains nothing
+    stamp = (s0 / "final" / "model.safetensors").stat().st_mtime_ns
+    pretrain(cfg, tmp_path / "run")
+    assert (s0 / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_stage_may_not_set_its_own_init():
+    import pytest
+
+    from flowopd.config import ConfigError, load
+    from flowopd.trainers.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError, match="may not set"):
+        load(PretrainConfig, None, ["stages=[{steps: 1}, {init: base}]"])
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        load(PretrainConfig, None, ["stages=[{lr: 0}]"])

@@ -27,7 +27,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
 BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package writes
 # config.json["format"] of tiny checkpoints: bumped when a change to the model or the files would make
 # this version misread a checkpoint. Checkpoints from before the key existed are format 1 (same layout).
-FORMAT = 1
+# Format 2 added the model key `roles` (absent in format 1: no role embedding).
+FORMAT = 2
 
 
 def shipped_base_dir() -> Path:

@@ -9,7 +9,9 @@ drew clean flat shapes after 10 (see the foundation issue's notes).
 
 The prompt encoder reads any string: grammar words (with an unknown-word
 token), and the characters of quoted text, each tagged with its slot relative
-to the string's centre, the layout the world uses to centre signs.
+to the string's centre, the layout the world uses to centre signs. With
+`roles` (the shipped base) each word also gets a role embedding: first object,
+connective, second object; see TextEncoder.roles.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ WORDS = (
     "a an and two three four square squares circle circles triangle triangles "
     "red green blue yellow purple left right of above below sign that says"
 ).split()
+CONNECTIVES = ("and", "left", "right", "of", "above", "below")  # words between two objects
 CHARS = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"
 PAD, NULL, UNK, UNK_CHAR, QUOTE = 0, 1, 2, 3, 4
 N_SPECIAL = 5
@@ -40,6 +43,7 @@ class TinyConfig:
     heads: int = 4
     groups: int = 8
     cond_dim: int = 128
+    roles: bool = False  # add a learned role embedding to each word token (see TextEncoder.roles)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,11 +111,23 @@ class TextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
+        self.role = nn.Embedding(3, d) if cfg.roles else None
+        self.register_buffer("connectives", torch.tensor([Tokenizer.vocab[w] for w in CONNECTIVES]), persistent=False)
+
+    def roles(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T) role of each token: 0 before the first connective word (the first object),
+        1 a connective ("and", "left of", "above", ...), 2 after one (the second object). A stand-in for
+        what a language-pretrained encoder gives real models: which noun a word belongs to."""
+        conn = torch.isin(ids, self.connectives)
+        after = conn.long().cumsum(1) > 0
+        return torch.where(conn, 1, torch.where(after, 2, 0))
 
     def forward(self, ids: torch.Tensor, slots: torch.Tensor):
         """ids, slots (B, T) -> tokens (B, T, d), pad mask (B, T) True where padded, pooled (B, d)."""
         pad = ids == PAD
         h = self.tok(ids) + self.slot(slots)
+        if self.role is not None:
+            h = h + self.role(self.roles(ids))
         h = self.norm(self.encoder(h, src_key_padding_mask=pad))
         keep = (~pad).unsqueeze(-1).to(h.dtype)
         pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)

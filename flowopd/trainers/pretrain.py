@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
 from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
-from ..config import require, to_dict
+from ..config import build, require, to_dict
 from .checkpointing import RunState
 from .common import EMA, optimizer_step
 from .runlog import RunLogger
@@ -64,6 +64,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "cpu"
     channels: list[int] = field(default_factory=lambda: [32, 64, 96])
+    roles: bool = False  # the model's role embedding on prompt tokens (TinyConfig.roles)
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
     log_every: int = 100
@@ -72,6 +73,9 @@ class PretrainConfig:
     eval_steps: int = 40  # sampling defaults written into the checkpoint
     eval_cfg: float = 3.0
     shift: float = 1.0
+    # a curriculum: run i trains with these keys over the ones above and continues from run i-1's final
+    # weights (out/stage_i); [] is one run
+    stages: list[dict] = field(default_factory=list)
 
     def validate(self):
         require(self.steps >= 1, "steps must be >= 1")
@@ -88,6 +92,17 @@ class PretrainConfig:
         require(all(w >= 0 for w in self.category_weights.values()) and
                 (not self.category_weights or sum(self.category_weights.get(c, 1.0) for c in CATEGORIES) > 0),
                 "category_weights must be >= 0 and not all 0")
+        for i, st in enumerate(self.stages):
+            require(isinstance(st, dict), f"stages[{i}] must be a mapping of config keys")
+            bad = set(st) & {"stages"} | (set(st) & {"init"} if i else set())
+            require(not bad, f"stages[{i}] may not set {sorted(bad)} (a stage continues from the one before)")
+        for st in self.stage_configs():
+            st.validate()
+
+    def stage_configs(self) -> list["PretrainConfig"]:
+        """Each stage as a whole config (its keys over the top-level ones); [] without stages."""
+        top = {k: v for k, v in to_dict(self).items() if k != "stages"}
+        return [build(PretrainConfig, {**top, **st}) for st in self.stages]
 
 
 def _render_chunk(args):
@@ -181,12 +196,15 @@ def _model(cfg: PretrainConfig, device) -> TinyUNet:
     """Random weights (seeded by the caller), or the `init` checkpoint's to continue from."""
     if cfg.init:
         return load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
-    return TinyUNet(TinyConfig(channels=tuple(cfg.channels))).to(device)
+    return TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles)).to(device)
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
     """Pretrain (or continue, `init`) the tiny model; write out/run.json, out/train_log.jsonl,
-    out/state, out/final (and out/step_* at save_at). A rerun on the same --out resumes. -> out/final."""
+    out/state, out/final (and out/step_* at save_at). A rerun on the same --out resumes. -> out/final.
+    With `stages`, each stage is such a run in out/stage_i, and out/final is the last one's weights."""
+    if cfg.stages:
+        return pretrain_stages(cfg, Path(out), overwrite)
     out = Path(out)
     _prepare_out(cfg, out, overwrite)
     torch.manual_seed(cfg.seed)
@@ -262,3 +280,35 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
                                                    "render_seconds": round(render_s, 1), "loss": counts["loss_avg"]}))
     return out / "final"
 
+
+
+def pretrain_stages(cfg: PretrainConfig, out: Path, overwrite: bool = False) -> Path:
+    """Run the curriculum's stages in turn (finished ones are skipped, so a rerun resumes where it
+    stopped); out/final is the last stage's final weights, its config.json recording the whole recipe."""
+    _prepare_out(cfg, out, overwrite)
+    t0, minutes, steps = time.time(), 0.0, 0
+    for i, st in enumerate(cfg.stage_configs()):
+        sub = out / f"stage_{i}"
+        if i:
+            st.init = str(out / f"stage_{i - 1}" / "final")
+        done = json.loads((sub / "summary.json").read_text()) if (sub / "summary.json").is_file() else {}
+        if done.get("steps") != st.steps:
+            if cfg.max_minutes:
+                st.max_minutes = max(cfg.max_minutes - (time.time() - t0) / 60, 1e-3)
+            print(f"pretrain stage {i + 1}/{len(cfg.stages)}: {sub}", flush=True)
+            pretrain(st, sub, overwrite)
+            done = json.loads((sub / "summary.json").read_text())
+            if done["steps"] != st.steps:
+                print(f"time limit reached in stage {i + 1}; rerun the same command to resume", flush=True)
+                return sub / "final"
+        minutes += done["minutes"]
+        steps += done["steps"]
+    last = out / f"stage_{len(cfg.stages) - 1}" / "final"
+    shutil.rmtree(out / "final", ignore_errors=True)
+    shutil.copytree(last, out / "final")
+    ckpt = json.loads((last / "config.json").read_text())
+    ckpt["meta"].update(step=steps, minutes=round(minutes, 2), recipe=to_dict(cfg))
+    (out / "final" / "config.json").write_text(json.dumps(ckpt, indent=2))
+    (out / "summary.json").write_text(json.dumps({"steps": steps, "minutes": round(minutes, 2),
+                                                   "stages": len(cfg.stages)}))
+    return out / "final"
