@@ -96,8 +96,7 @@ class PretrainConfig:
             require(isinstance(st, dict), f"stages[{i}] must be a mapping of config keys")
             bad = set(st) & {"stages"} | (set(st) & {"init"} if i else set())
             require(not bad, f"stages[{i}] may not set {sorted(bad)} (a stage continues from the one before)")
-        for st in self.stage_configs():
-            st.validate()
+        self.stage_configs()  # builds, and so validates, each stage
 
     def stage_configs(self) -> list["PretrainConfig"]:
         """Each stage as a whole config (its keys over the top-level ones); [] without stages."""
@@ -149,6 +148,10 @@ def _identity(cfg: PretrainConfig) -> dict:
     d = to_dict(cfg)
     for k in ("steps", "max_minutes", "log_every", "save_at", "render_workers", "device", "state_every"):
         d.pop(k, None)
+        for st in d["stages"]:  # a stage's length may change too (each stage checks its own run)
+            st.pop(k, None)
+    if not d["stages"]:
+        del d["stages"]  # one run: the identity runs written before stages existed
     return d
 
 
@@ -279,7 +282,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     (out / "summary.json").write_text(json.dumps({"steps": step, "minutes": round((time.time() - t0) / 60, 2),
                                                    "render_seconds": round(render_s, 1), "loss": counts["loss_avg"]}))
     return out / "final"
-
 
 
 def pretrain_stages(cfg: PretrainConfig, out: Path, overwrite: bool = False) -> Path:
