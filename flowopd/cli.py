@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .backends import load_checkpoint
-from .config import load
+from .config import load, parse_overrides
 from .errors import UserError
 from .evaluate import evaluate
 from .io import read_manifest, read_prompt_file, staged_dir, write_images
@@ -92,7 +92,7 @@ def cmd_score(args) -> int:
 
 def cmd_pretrain(args) -> int:
     cfg = load(PretrainConfig, args.config, args.overrides)
-    given = {o.split("=", 1)[0].lstrip("-").replace("-", "_") for o in args.overrides}
+    given = parse_overrides(args.overrides)
     cfg.stages = [{k: v for k, v in st.items() if k not in given} for st in cfg.stages]  # the command line wins
     _device(cfg.device)
     _check_resume(args)

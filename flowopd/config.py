@@ -95,14 +95,20 @@ def _coerce(name: str, value, tp):
     return value
 
 
-def build(cls, data: dict | None = None, overrides: list[str] | None = None):
-    """Make a config dataclass from a mapping plus 'key=value' overrides; validate it."""
-    data = dict(data or {})
-    for item in overrides or []:
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """['key=value', '--other-key=value'] -> {'key': 'value', 'other_key': 'value'} (values unconverted)."""
+    out = {}
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         k, v = item.lstrip("-").split("=", 1)
-        data[k.replace("-", "_")] = v
+        out[k.replace("-", "_")] = v
+    return out
+
+
+def build(cls, data: dict | None = None, overrides: list[str] | None = None):
+    """Make a config dataclass from a mapping plus 'key=value' overrides; validate it."""
+    data = {**(data or {}), **parse_overrides(overrides or [])}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -94,7 +94,7 @@ class PretrainConfig:
                 "category_weights must be >= 0 and not all 0")
         for i, st in enumerate(self.stages):
             require(isinstance(st, dict), f"stages[{i}] must be a mapping of config keys")
-            bad = set(st) & {"stages"} | (set(st) & {"init"} if i else set())
+            bad = set(st) & ({"stages", "init"} if i else {"stages"})
             require(not bad, f"stages[{i}] may not set {sorted(bad)} (a stage continues from the one before)")
         self.stage_configs()  # builds, and so validates, each stage
 
