@@ -55,12 +55,13 @@ def main() -> None:
                     help="guided: the NFT update with r = 1 on the guided velocity; fm: pretraining's loss")
     ap.add_argument("--categories", default="", help="comma-separated compose categories (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", default="base", help="the model to fine-tune (default: the shipped base)")
     ap.add_argument("--out", default=str(RESULTS / "compose_ceiling_cpu.jsonl"))
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)
     rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
-    backend = load_checkpoint("base")
+    backend = load_checkpoint(a.checkpoint)
     if a.rank:
         backend.add_adapter("ceiling", rank=a.rank, alpha=a.rank)
         params = backend.trainable_parameters()
@@ -101,7 +102,8 @@ def main() -> None:
         if seen % a.eval_every < a.batch or seen >= a.samples:
             m = score_images(sample_images(backend, [p.text for p in test], progress=False), test)
             rec = {"samples": seen, "minutes": round((time.time() - t0) / 60, 1), "lr": a.lr, "rank": a.rank,
-                   "objective": a.objective, "batch": a.batch, "categories": cats or "all"}
+                   "objective": a.objective, "batch": a.batch, "categories": cats or "all",
+                   "checkpoint": a.checkpoint}
             rec.update({k: round(float(v), 4) for k, v in m.items() if isinstance(v, float)})
             for c, ps in train_checks.items():
                 rec[f"{c}_train"] = round(float(compose_reward(sample_images(backend, ps, seed=5, progress=False), ps).mean()), 4)
