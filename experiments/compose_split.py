@@ -4,7 +4,8 @@
 
 Tells a teacher that learns nothing apart from one that learns the train prompts and does not carry
 it to the test split's held-out combinations: each category's prompts (train_prompts / the
-held-out test_prompts_of, cycled) are sampled once each with the ODE sampler and scored strictly.
+held-out test_prompts_of, cycled) are sampled once each with the ODE sampler and scored strictly
+(world.scoring.score_images: the evaluation's per-category means and the compose standard error).
 Prints one JSON line per checkpoint and appends it to --out (default:
 experiments/results/compose_split_cpu.jsonl beside this script). About 40 seconds a checkpoint on a
 2-core CPU at the defaults.
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from flowopd.backends import load_checkpoint
 from flowopd.sampling import sample_images
-from flowopd.world.prompts import CATEGORIES, test_prompts_of, train_prompts
-from flowopd.world.scoring import compose_reward
+from flowopd.world.prompts import CATEGORIES, make_prompt, test_prompts_of, train_prompts
+from flowopd.world.scoring import score_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,14 +36,12 @@ def main() -> None:
         backend = load_checkpoint(ck)
         rec = {"checkpoint": ck, "per_category": a.per_category, "steps": a.steps, "seed": a.seed}
         for split, pool_of in (("train", train_prompts), ("test", test_prompts_of)):
-            prompts = []
-            for c in CATEGORIES:
-                pool = pool_of(c)
-                prompts += [pool[i % len(pool)] for i in range(a.per_category)]
-            r = compose_reward(sample_images(backend, prompts, steps=a.steps, seed=a.seed, progress=False), prompts)
-            by_cat = r.reshape(len(CATEGORIES), a.per_category).mean(1)
-            rec.update({f"{split}.{c}": round(float(v), 3) for c, v in zip(CATEGORIES, by_cat)})
-            rec[split] = round(float(by_cat.mean()), 3)
+            prompts = [make_prompt(pool[i % len(pool)], "compose")
+                       for pool in map(pool_of, CATEGORIES) for i in range(a.per_category)]
+            m = score_images(sample_images(backend, [p.text for p in prompts], steps=a.steps, seed=a.seed,
+                                           progress=False), prompts)
+            rec.update({f"{split}.{c}": round(m[c], 3) for c in CATEGORIES})
+            rec[split], rec[f"{split}.se"] = round(m["compose"], 3), round(m["se"]["compose"], 3)
         print(json.dumps(rec), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
