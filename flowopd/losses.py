@@ -78,10 +78,12 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_r
     return loss, stats
 
 
-def nft_weights(advantages: Tensor, scale: float = 1.0) -> Tensor:
+def nft_weights(advantages: Tensor, scale: float = 1.0, negatives: bool = True) -> Tensor:
     """Optimality weights of the forward-process objective: r = 0.5 + 0.5 * clip(A / scale, -1, 1),
-    in [0, 1]; r = 0.5 (no push either way) for a sample as good as its group. (B,)"""
-    return 0.5 + 0.5 * (advantages.detach().float() / scale).clamp(-1.0, 1.0)
+    in [0, 1]; r = 0.5 (no push either way) for a sample as good as its group. negatives=False
+    floors r at 0.5: only the samples that beat their group are learned from. (B,)"""
+    r = 0.5 + 0.5 * (advantages.detach().float() / scale).clamp(-1.0, 1.0)
+    return r if negatives else r.clamp(min=0.5)
 
 
 def nft_loss(v: Tensor, v_old: Tensor, target: Tensor, r: Tensor, beta: float = 1.0):

@@ -282,8 +282,20 @@ def test_nft_with_equal_rewards_changes_nothing(tiny_ckpt, tmp_path):
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in _lora_params(final).items() if "lora_B" in k)
 
 
+def test_nft_uncond_anchor_measures_the_unconditional_drift(tiny_ckpt, tmp_path):
+    """The anchor term is the squared distance of the unconditional velocity from the base's: exactly 0
+    at the first update (LoRA's B starts at 0, one micro-batch, one noise level), > 0 once the adapter
+    has moved."""
+    cfg = _cfg(tiny_ckpt, objective="nft", sampler="ode", nft_timesteps=1, micro_batch=8, steps=2,
+               nft_uncond_anchor=1.0)
+    train_grpo(cfg, tmp_path / "anchor")
+    log = [json.loads(line) for line in (tmp_path / "anchor" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["uncond_drift"] == 0.0 and log[1]["uncond_drift"] > 0
+
+
 @pytest.mark.parametrize("bad,match", [("sampler=ode", "objective: nft"), ("objective=ppo", "objective"),
-                                       ("nft_timesteps=0", "nft_timesteps")])
+                                       ("nft_timesteps=0", "nft_timesteps"),
+                                       ("nft_guidance=-1", "nft_guidance"), ("nft_uncond_anchor=-0.5", "nft_uncond_anchor")])
 def test_nft_config_validation(bad, match):
     with pytest.raises(ConfigError, match=match):
         build(GRPOConfig, {}, [bad])

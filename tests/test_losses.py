@@ -137,6 +137,8 @@ def test_nft_weights_map_advantages_to_unit_interval():
     adv = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0])
     assert torch.allclose(nft_weights(adv), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
     assert torch.allclose(nft_weights(adv, scale=2.0), torch.tensor([0.0, 0.375, 0.5, 0.625, 1.0]))
+    # without negatives the losers get r = 1/2 (no gradient), the winners keep their weights
+    assert torch.allclose(nft_weights(adv, negatives=False), torch.tensor([0.5, 0.5, 0.5, 0.75, 1.0]))
 
 
 def test_nft_loss_known_values_and_gradients():

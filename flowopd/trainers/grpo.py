@@ -119,6 +119,12 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     nft_beta: float = 1.0            # nft: step of the implicit policies v_old +- beta (v - v_old)
     nft_timesteps: int = 2           # nft: noise levels drawn per sample and iteration
     nft_adv_scale: float = 1.0       # nft: r = 0.5 + 0.5 clip(A / nft_adv_scale, -1, 1)
+    nft_negatives: bool = True       # nft: push away from below-average samples (false: r = max(r, 0.5),
+                                     # pull toward the winners only, reward-filtered flow matching)
+    nft_guidance: float = 0.0        # nft: CFG scale of the velocity trained (0: the rollouts' cfg; 1: the
+                                     # conditional velocity alone, the unconditional branch left to kl_beta)
+    nft_uncond_anchor: float = 0.0   # nft: + this * mean (v_uncond - v_uncond of the base)^2, so the trained
+                                     # guided velocity cannot drift through its unconditional branch
     timestep_fraction: float = 1.0   # share of the steps trained per iteration
     step_selection: str = "random"   # which: "random" (a random subset) | "first" (the first ones in order, Flow-GRPO's)
     inner_epochs: int = 1            # passes over each rollout
@@ -177,6 +183,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
                 "sampler 'ode' takes no sde_window or shared_noise (its samples differ by initial noise only)")
         require(self.nft_beta > 0 and self.nft_timesteps >= 1 and self.nft_adv_scale > 0,
                 "nft_beta and nft_adv_scale must be > 0, nft_timesteps >= 1")
+        require(self.nft_guidance >= 0 and self.nft_uncond_anchor >= 0,
+                "nft_guidance and nft_uncond_anchor must be >= 0")
         require(self.micro_batch >= 1, "micro_batch must be >= 1")
         require(0 <= self.sde_window <= self.sample_steps, "sde_window must be in [0, sample_steps]")
         for j in self.sde_window_starts:
@@ -302,7 +310,7 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) 
     u = torch.rand((B, K), generator=gen)
     t_all = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # (B, K)
     eps = torch.randn((B, K, *x0.shape[1:]), generator=gen)
-    weights = nft_weights(adv.cpu(), cfg.nft_adv_scale)  # (B,)
+    weights = nft_weights(adv.cpu(), cfg.nft_adv_scale, cfg.nft_negatives)  # (B,)
     v_old = torch.empty_like(eps)
     with torch.no_grad():
         for idx in ro.chunks():
@@ -328,6 +336,13 @@ def nft_step_loss(backend, nb: NFTBatch, vf, prompts: list[str], cfg: GRPOConfig
             v_ref = _policy(backend, prompts, guidance)(xt, t).float()
         kl = ((v.float() - v_ref) ** 2).mean()
         loss = loss + cfg.kl_beta * kl
+    if cfg.nft_uncond_anchor > 0:
+        uncond = backend.encode_prompts([None] * len(prompts))
+        with torch.no_grad(), backend.adapter(None):
+            vu_ref = backend.velocity(xt, t, uncond).float()
+        drift = ((backend.velocity(xt, t, uncond).float() - vu_ref) ** 2).mean()
+        loss = loss + cfg.nft_uncond_anchor * drift
+        st = st | {"uncond_drift": drift.detach()}
     return loss, st, kl
 
 
@@ -460,7 +475,8 @@ def grpo_update(r: GRPORun, ro: Rollout, adv, step: int) -> GRPOUpdate:
     cfg, backend = r.cfg, r.backend
     upd = GRPOUpdate()
     if cfg.objective == "nft":  # forward process: the final samples noised at K levels; v_old the sampling policy's
-        nb = nft_batch(backend, ro, adv, cfg, r.guidance, r.gen)
+        g_nft = cfg.nft_guidance or r.guidance
+        nb = nft_batch(backend, ro, adv, cfg, g_nft, r.gen)
     else:
         steps_all = ro.trainable_steps()
         n_train = max(1, round(cfg.timestep_fraction * len(steps_all)))
@@ -478,12 +494,12 @@ def grpo_update(r: GRPORun, ro: Rollout, adv, step: int) -> GRPOUpdate:
             idx = chunks[ci]
             if cfg.objective == "nft":
                 prompts = [ro.prompts[i] for i in idx.tolist()]
-                vf = _policy(backend, prompts, r.guidance)  # the prompts encoded once per micro-batch
+                vf = _policy(backend, prompts, g_nft)  # the prompts encoded once per micro-batch
             for j in terms:  # GRPO: the trained denoising steps; NFT: the K noise levels
                 if cfg.objective == "grpo":
                     loss, st, kl = grpo_step_loss(backend, ro, adv, cfg, idx, j, r.dist.device)
                 else:
-                    loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, r.guidance, idx, j)
+                    loss, st, kl = nft_step_loss(backend, nb, vf, prompts, cfg, g_nft, idx, j)
                 if kl is not None:
                     upd.kls.append(kl.item())
                 acc.backward(loss, len(terms), k, len(order))
@@ -514,7 +530,7 @@ def grpo_record(r: GRPORun, upd: GRPOUpdate, rewards, groups, adv_all, tasks) ->
             "approx_kl": sum(s["approx_kl"] for s in stats) / len(stats),
         })
     else:
-        rec.update({k: sum(s[k] for s in stats) / len(stats) for k in ("fm_mse", "v_shift")})
+        rec.update({k: sum(s[k] for s in stats) / len(stats) for k in ("fm_mse", "v_shift", "uncond_drift") if k in stats[0]})
     rec.update({"kl_ref": (sum(kls) / len(kls)) if kls else None, "grad_norm": float(upd.gnorm),
                 "opt_steps": upd.n_opt, "adv_abs": adv_all.abs().mean().item()})
     return rec
