@@ -189,7 +189,7 @@ def test_pretrain_curriculum_keys_on_the_command_line_hold_in_every_stage(tmp_pa
     r = run("pretrain", "--config", "toy_pretrain_order.yaml", "--out", str(out), "steps=1", "batch_size=2",
             "dataset_size=4", "channels=[8,8,8]", "state_every=0")
     assert r.returncode == 0, r.stderr
-    for i in (0, 1):
+    for i in (0, 1, 2):
         stage = json.loads((out / f"stage_{i}" / "run.json").read_text())
         assert (stage["batch_size"], stage["dataset_size"]) == (2, 4)  # the command line's, not the stage's
     assert json.loads((out / "stage_0" / "run.json").read_text())["text_fraction"] == 0.0  # the stage's own
