@@ -122,7 +122,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     nft_negatives: bool = True       # nft: push away from below-average samples (false: r = max(r, 0.5),
                                      # pull toward the winners only, reward-filtered flow matching)
     nft_guidance: float = 0.0        # nft: CFG scale of the velocity trained (0: the rollouts' cfg; 1: the
-                                     # conditional velocity alone, the unconditional branch left to kl_beta)
+                                     # conditional velocity alone; kl_beta then holds that one, not the
+                                     # unconditional one: nft_uncond_anchor does)
     nft_uncond_anchor: float = 0.0   # nft: + this * mean (v_uncond - v_uncond of the base)^2, so the trained
                                      # guided velocity cannot drift through its unconditional branch
     timestep_fraction: float = 1.0   # share of the steps trained per iteration
