@@ -314,6 +314,19 @@ def test_splits_disjoint_per_task():
             assert (o.color, o.shape) not in {("purple", "square"), ("yellow", "circle"), ("green", "triangle")}
 
 
+def test_single_character_signs_are_trained():
+    # the test split's one-character signs are held out, but most single characters stay in
+    # training, where they are drawn about as often as the other lengths
+    held = {t for t in P._test_texts() if len(t) == 1}
+    assert len(held) == P.MAX_HELDOUT_SINGLE == TEST_SIZES["text"] // P.MAX_TEXT_LEN
+    assert {p.spec.text for p in P.test_split() if p.task == "text" and len(p.spec.text) == 1} == held
+    rng = random.Random(0)
+    train = [P.random_text(rng) for _ in range(4000)]
+    singles = {t for t in train if len(t) == 1}
+    assert singles == set(P.TEXT_CHARS) - held
+    assert 0.10 < sum(len(t) == 1 for t in train) / len(train) < 0.25
+
+
 def test_splits_reproducible():
     a = [(p.text, p.task) for p in train_split(200, seed=7)]
     b = [(p.text, p.task) for p in train_split(200, seed=7)]

@@ -45,6 +45,7 @@ HELDOUT_POSITION = (
 
 TEST_SEED = 1234
 TEST_SIZES = {"compose_per_category": 64, "text": 64, "quality": 64}  # text: an equal share per length 1-4
+MAX_HELDOUT_SINGLE = TEST_SIZES["text"] // MAX_TEXT_LEN  # one-character test strings: the split's share, no more
 
 
 class PromptError(UserError, ValueError):
@@ -204,11 +205,20 @@ def is_heldout(text: str) -> bool:
 
 @lru_cache(maxsize=None)
 def _test_texts() -> frozenset[str]:
+    """400 strings seen only at test time. At most MAX_HELDOUT_SINGLE of them are one character
+    long, so that most single characters stay in training: a uniform draw would hold out nearly
+    every one of the 33, and a model would never learn to draw a one-character sign."""
     rng = random.Random(TEST_SEED + 7)
     out: set[str] = set()
+    singles = 0
     while len(out) < 400:
         n = rng.randint(1, MAX_TEXT_LEN)
-        out.add("".join(rng.choice(TEXT_CHARS) for _ in range(n)))
+        t = "".join(rng.choice(TEXT_CHARS) for _ in range(n))
+        if n == 1 and t not in out:
+            if singles == MAX_HELDOUT_SINGLE:
+                continue
+            singles += 1
+        out.add(t)
     return frozenset(out)
 
 
