@@ -293,9 +293,28 @@ def test_nft_uncond_anchor_measures_the_unconditional_drift(tiny_ckpt, tmp_path)
     assert log[0]["uncond_drift"] == 0.0 and log[1]["uncond_drift"] > 0
 
 
+def test_nft_time_shift_moves_the_noise_levels_up(tiny_ckpt):
+    """nft_time_shift s maps the same uniform draws u to s u / (1 + (s - 1) u): higher noise levels
+    for s > 1; 0 keeps the sampling shift (1 here: t = u)."""
+    from flowopd.trainers.grpo import nft_batch
+
+    backend = load_checkpoint(tiny_ckpt)
+    ro = rollout(backend, ["a red square"], ["compose"], 4, steps=2, method="ode", micro_batch=4,
+                 generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    ts = {}
+    for s in (0.0, 1.0, 3.0):
+        cfg = build(GRPOConfig, {}, [f"nft_time_shift={s}", "nft_timesteps=3", "shift=1.0"])
+        ts[s] = nft_batch(backend, ro, adv, cfg, 2.0, torch.Generator().manual_seed(5)).t
+    assert torch.equal(ts[0.0], ts[1.0])
+    u = ts[1.0]
+    assert torch.allclose(ts[3.0], 3 * u / (1 + 2 * u)) and bool((ts[3.0] > u).all())
+
+
 @pytest.mark.parametrize("bad,match", [("sampler=ode", "objective: nft"), ("objective=ppo", "objective"),
                                        ("nft_timesteps=0", "nft_timesteps"),
-                                       ("nft_guidance=-1", "nft_guidance"), ("nft_uncond_anchor=-0.5", "nft_uncond_anchor")])
+                                       ("nft_guidance=-1", "nft_guidance"), ("nft_uncond_anchor=-0.5", "nft_uncond_anchor"),
+                                       ("nft_time_shift=-1", "nft_time_shift")])
 def test_nft_config_validation(bad, match):
     with pytest.raises(ConfigError, match=match):
         build(GRPOConfig, {}, [bad])

@@ -118,6 +118,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
                                      # "nft": forward-process loss on the final samples (see the docstring)
     nft_beta: float = 1.0            # nft: step of the implicit policies v_old +- beta (v - v_old)
     nft_timesteps: int = 2           # nft: noise levels drawn per sample and iteration
+    nft_time_shift: float = 0.0      # nft: t = s u / (1 + (s - 1) u), u uniform, with s this (0: the sampling
+                                     # shift); s > 1 trains more at high noise, where a layout forms
     nft_adv_scale: float = 1.0       # nft: r = 0.5 + 0.5 clip(A / nft_adv_scale, -1, 1)
     nft_negatives: bool = True       # nft: push away from below-average samples (false: r = max(r, 0.5),
                                      # pull toward the winners only, reward-filtered flow matching)
@@ -184,6 +186,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
                 "sampler 'ode' takes no sde_window or shared_noise (its samples differ by initial noise only)")
         require(self.nft_beta > 0 and self.nft_timesteps >= 1 and self.nft_adv_scale > 0,
                 "nft_beta and nft_adv_scale must be > 0, nft_timesteps >= 1")
+        require(self.nft_time_shift >= 0, "nft_time_shift must be >= 0 (0: the sampling shift)")
         require(self.nft_guidance >= 0 and self.nft_uncond_anchor >= 0,
                 "nft_guidance and nft_uncond_anchor must be >= 0")
         require(self.micro_batch >= 1, "micro_batch must be >= 1")
@@ -291,7 +294,7 @@ def grpo_step_loss(backend, ro: Rollout, adv, cfg: GRPOConfig, idx, j: int, devi
 @dataclass
 class NFTBatch:
     """`objective: nft`'s draws for one iteration: K noise levels t (uniform, time-shifted like the
-    sampling grid) and noises for every final sample x0, the sampling policy's velocities v_old at
+    sampling grid or by nft_time_shift) and noises for every final sample x0, the sampling policy's velocities v_old at
     x_t = (1 - t) x0 + t noise, and the weights r = nft_weights(A)."""
 
     x0: torch.Tensor       # (B, C, H, W), CPU
@@ -309,7 +312,8 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) 
         x0 = x0.clamp(-1.0, 1.0)  # pixel space: what decoding keeps
     B, K = len(ro), cfg.nft_timesteps
     u = torch.rand((B, K), generator=gen)
-    t_all = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # (B, K)
+    s = cfg.nft_time_shift or cfg.shift
+    t_all = s * u / (1 + (s - 1) * u)  # (B, K)
     eps = torch.randn((B, K, *x0.shape[1:]), generator=gen)
     weights = nft_weights(adv.cpu(), cfg.nft_adv_scale, cfg.nft_negatives)  # (B,)
     v_old = torch.empty_like(eps)
