@@ -1,6 +1,6 @@
 """How fast can the base learn composition from samples at all? A supervised reference for the
 compose teacher: the same LoRA (rank 8, the default targets), optimizer, learning rate and
-micro-batches as configs/toy_grpo_compose_grpo.yaml, but every training sample is a perfect render of a
+micro-batches as configs/toy_grpo_compose.yaml, but every training sample is a perfect render of a
 training prompt (the world's renderer) instead of a rewarded rollout. The update is
 flowopd.losses.nft_loss with r = 1, i.e. flow matching of the guided velocity toward the render:
 the NFT objective when every sample is a winner.

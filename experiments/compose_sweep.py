@@ -1,4 +1,4 @@
-"""Sweep of compose-teacher GRPO settings: train each variant of the packaged configs/toy_grpo_compose_grpo.yaml,
+"""Sweep of compose-teacher GRPO settings: train each variant of the packaged configs/toy_grpo_compose.yaml,
 evaluate every saved checkpoint on the whole test split, append one JSON line per checkpoint.
 
     python experiments/compose_sweep.py --out OUT --device cuda [--sweep a|b] [--runs NAME,...] [--scale 1.0]
@@ -19,7 +19,7 @@ import traceback
 
 from flowopd.config import PACKAGED_CONFIGS
 
-BASE = PACKAGED_CONFIGS / "toy_grpo_compose_grpo.yaml"
+BASE = PACKAGED_CONFIGS / "toy_grpo_compose.yaml"
 HARD = "categories=[two_object,counting,position,color_attr]"
 G32 = ["group_size=32", "prompts_per_step=4"]
 SWEEPS = {

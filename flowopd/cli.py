@@ -217,8 +217,8 @@ def _training_commands(sub) -> None:
     _trainer(sub, "grpo", cmd_grpo, "Flow-GRPO: train a teacher (one reward) or GRPO-Mix (all rewards)",
              "Fine-tune the base with Flow-GRPO (LoRA by default). Checkpoints, logs (train_log.jsonl, tensorboard) "
              "and the resolved config go to --out; OUT/final is the trained model. `objective: nft` swaps the "
-             "clipped-ratio update for DiffusionNFT's forward-process loss. Examples: configs/toy_grpo_compose.yaml "
-             "(NFT), toy_grpo_compose_grpo.yaml, toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml; on SD3.5: "
+             "clipped-ratio update for DiffusionNFT's forward-process loss. Examples: configs/toy_grpo_compose.yaml, "
+             "toy_grpo_compose_nft.yaml, toy_grpo_text.yaml, toy_grpo_quality.yaml, toy_grpo_mix.yaml; on SD3.5: "
              "configs/sd35m_grpo_{ocr,geneval,pickscore}.yaml with --model. Runs on several GPUs under "
              "`accelerate launch -m flowopd grpo ...`.", "--steps=10", model=True)
     sp = sub.add_parser("coldstart", help="cold start for the student: merge teacher deltas, or SFT on their best samples",

@@ -322,21 +322,19 @@ def test_nft_config_validation(bad, match):
         build(GRPOConfig, {"objective": "nft", "sampler": "ode", "shared_noise": True})
 
 
-def test_grpo_compose_config_and_its_pipeline_overrides_agree():
-    """configs/run_compose_grpo.yaml turns the pipeline's compose teacher (NFT) into
-    configs/toy_grpo_compose_grpo.yaml exactly; every teacher has the same rollout budget, and
-    GRPO-Mix their sum."""
+def test_nft_compose_config_and_its_pipeline_overrides_agree():
+    """configs/run_compose_nft.yaml turns the pipeline's compose teacher into
+    configs/toy_grpo_compose_nft.yaml exactly, and gives GRPO-Mix the teachers' summed budget."""
     from pathlib import Path
 
     from flowopd.config import to_dict
 
     root = Path(__file__).resolve().parents[1] / "configs"
     read = lambda n: yaml.safe_load((root / n).read_text())  # noqa: E731
-    run = read("run_compose_grpo.yaml")
-    nft = build(GRPOConfig, read("toy_grpo_compose.yaml"))
+    run = read("run_compose_nft.yaml")
     via_run = build(GRPOConfig, read("toy_grpo_compose.yaml"), run["teachers"]["compose"])
-    grpo = build(GRPOConfig, read("toy_grpo_compose_grpo.yaml"))
-    assert to_dict(via_run) == to_dict(grpo) and grpo.objective == "grpo" and nft.objective == "nft"
-    budgets = [build(GRPOConfig, read(f"toy_grpo_{n}.yaml")).rollout_budget() for n in ("compose", "text", "quality")]
-    assert len(set(budgets)) == 1 and grpo.rollout_budget() == budgets[0]
-    assert build(GRPOConfig, read("toy_grpo_mix.yaml")).rollout_budget() == sum(budgets)
+    nft = build(GRPOConfig, read("toy_grpo_compose_nft.yaml"))
+    assert to_dict(via_run) == to_dict(nft) and nft.objective == "nft"
+    mix = build(GRPOConfig, read("toy_grpo_mix.yaml"), run["grpo_mix"])
+    others = sum(build(GRPOConfig, read(f"toy_grpo_{n}.yaml")).rollout_budget() for n in ("text", "quality"))
+    assert mix.rollout_budget() == nft.rollout_budget() + others
