@@ -186,7 +186,7 @@ def torch_equal(x, y):
 
 def test_pretrain_curriculum_keys_on_the_command_line_hold_in_every_stage(tmp_path):
     out = tmp_path / "pt"
-    r = run("pretrain", "--config", "toy_pretrain.yaml", "--out", str(out), "steps=1", "batch_size=2",
+    r = run("pretrain", "--config", "toy_pretrain_order.yaml", "--out", str(out), "steps=1", "batch_size=2",
             "dataset_size=4", "channels=[8,8,8]", "state_every=0")
     assert r.returncode == 0, r.stderr
     for i in (0, 1, 2):

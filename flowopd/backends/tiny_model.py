@@ -10,7 +10,7 @@ drew clean flat shapes after 10 (see the foundation issue's notes).
 The prompt encoder reads any string: grammar words (with an unknown-word
 token), and the characters of quoted text, each tagged with its slot relative
 to the string's centre, the layout the world uses to centre signs. With
-`roles` (configs/toy_pretrain.yaml) each word also gets a role embedding: first object,
+`roles` (configs/toy_pretrain_order.yaml) each word also gets a role embedding: first object,
 connective, second object; see TextEncoder.roles.
 """
 from __future__ import annotations
