@@ -294,8 +294,8 @@ def grpo_step_loss(backend, ro: Rollout, adv, cfg: GRPOConfig, idx, j: int, devi
 @dataclass
 class NFTBatch:
     """`objective: nft`'s draws for one iteration: K noise levels t (uniform, time-shifted like the
-    sampling grid or by nft_time_shift) and noises for every final sample x0, the sampling policy's velocities v_old at
-    x_t = (1 - t) x0 + t noise, and the weights r = nft_weights(A)."""
+    sampling grid or by nft_time_shift) and noises for every final sample x0, the sampling policy's
+    velocities v_old at x_t = (1 - t) x0 + t noise, and the weights r = nft_weights(A)."""
 
     x0: torch.Tensor       # (B, C, H, W), CPU
     t: torch.Tensor        # (B, K)
