@@ -38,13 +38,19 @@ def _mean_over_dims(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- grid
 
 
+def time_shift(s, shift: float):
+    """The static time shift of SD3 / diffusers: shift * s / (1 + (shift - 1) * s); maps [0, 1] onto
+    itself, toward 1 (high noise) for shift > 1. s: float or tensor."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def sigma_grid(num_steps: int, shift: float = 1.0, device=None, num_train_timesteps: int = 1000) -> Tensor:
     """Noise levels of an N-step sampler, (N+1,) float32, from 1 down to a trailing 0.
 
     Identical to diffusers' `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas`
     (static shift, no Karras/exponential/beta variants):
 
-        shifted(s)  = shift * s / (1 + (shift - 1) * s)
+        shifted(s)  = time_shift(s, shift) = shift * s / (1 + (shift - 1) * s)
         sigma_min   = shifted(1 / num_train_timesteps)       # last value of the training grid, float32
         s_i         = linspace(1, sigma_min, N)               # float64
         sigmas      = [shifted(s_0), ..., shifted(s_{N-1}), 0]
@@ -53,13 +59,10 @@ def sigma_grid(num_steps: int, shift: float = 1.0, device=None, num_train_timest
     shift to sigma_min twice). With shift=1 and num_train_timesteps=num_steps the grid is the
     uniform one, linspace(1, 0, N+1).
     """
-    def shifted(s):
-        return shift * s / (1 + (shift - 1) * s)
-
     T = num_train_timesteps
-    sigma_min = shifted(torch.tensor(1.0 / T, dtype=torch.float32)).item()  # as the scheduler stores it
+    sigma_min = time_shift(torch.tensor(1.0 / T, dtype=torch.float32), shift).item()  # as the scheduler stores it
     s = torch.linspace(T * 1.0, T * sigma_min, num_steps, dtype=torch.float64) / T  # (N,)
-    sigmas = shifted(s).to(torch.float32)
+    sigmas = time_shift(s, shift).to(torch.float32)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)  # (N+1,)
 
 

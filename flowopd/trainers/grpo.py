@@ -72,7 +72,7 @@ from .runlog import NullLogger, RunLogger
 from ..config import ConfigError, load, require, to_dict
 from ..lora import lora_from_state_dict
 from ..losses import advantage_groups, group_advantages, group_reward_stats, grpo_loss, nft_loss, nft_weights
-from ..flow import interpolate, step_kl
+from ..flow import interpolate, step_kl, time_shift
 from ..rewards import get_reward, per_task, weighted_sum
 from ..tasks import DEFAULT_TASK_REWARDS
 from ..rollout import Rollout, transition
@@ -312,8 +312,7 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) 
         x0 = x0.clamp(-1.0, 1.0)  # pixel space: what decoding keeps
     B, K = len(ro), cfg.nft_timesteps
     u = torch.rand((B, K), generator=gen)
-    s = cfg.nft_time_shift or cfg.shift
-    t_all = s * u / (1 + (s - 1) * u)  # (B, K)
+    t_all = time_shift(u, cfg.nft_time_shift or cfg.shift)  # (B, K)
     eps = torch.randn((B, K, *x0.shape[1:]), generator=gen)
     weights = nft_weights(adv.cpu(), cfg.nft_adv_scale, cfg.nft_negatives)  # (B,)
     v_old = torch.empty_like(eps)

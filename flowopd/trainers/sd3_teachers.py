@@ -35,7 +35,7 @@ import torch
 
 from ..backends import make_backend
 from ..config import ConfigError, build
-from ..flow import interpolate, ode_sample, sigma_grid
+from ..flow import interpolate, ode_sample, sigma_grid, time_shift
 from ..lora import concat_loras
 from ..losses import flow_matching_loss, logit_normal_sigmas
 from ..prompt_sources import PromptSources
@@ -242,7 +242,7 @@ def _fm_loss(backend, x_all, prompts: list[str], idx, drop, shift: float, g):
     the samples trained unconditionally (prompt dropout for CFG)."""
     x0 = x_all[idx].to(backend.device)
     u = logit_normal_sigmas(len(idx), generator=g)
-    sigma = (shift * u / (1 + (shift - 1) * u)).to(backend.device)  # (B,) on the sampling grid's shift
+    sigma = time_shift(u, shift).to(backend.device)  # (B,) on the sampling grid's shift
     noise = torch.randn(x0.shape, generator=g).to(backend.device)
     cond = backend.encode_prompts([None if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())])
     return flow_matching_loss(backend.velocity(interpolate(x0, noise, sigma), sigma, cond), x0, noise)
