@@ -19,8 +19,8 @@ def _render(text: str, seed: int = 0) -> np.ndarray:
 
 
 def test_registry_names():
-    assert {"compose", "compose_strict", "text", "quality"} <= set(available())
-    for name in ("compose", "compose_strict", "text", "quality"):
+    assert {"compose", "compose_strict", "text", "text_dense", "quality"} <= set(available())
+    for name in ("compose", "compose_strict", "text", "text_dense", "quality"):
         assert REWARDS[name].__doc__  # each says what it rewards
 
 
@@ -40,6 +40,8 @@ def test_toy_rewards_on_renders_and_blanks():
     text = get_reward("text")
     assert text(imgs[2:], prompts[2:]).item() == 1.0
     assert text(WHITE[None], prompts[2:]).item() == 0.0
+    dense = get_reward("text_dense")(np.stack([imgs[2], WHITE, imgs[0]]), [prompts[2], prompts[2], prompts[0]])
+    assert dense[0].item() == 1.0 and dense[1].item() == 0.0 and torch.isnan(dense[2])  # a scene: NaN
     q = get_reward("quality")(imgs, prompts)
     assert q.shape == (3,) and ((q[:2] >= 0) & (q[:2] <= 1)).all()
     assert torch.isnan(q[2])  # a sign: the quality reward does not score it (its teacher never saw one)

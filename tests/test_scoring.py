@@ -18,6 +18,8 @@ from flowopd.world.scoring import (
     compose_partial_one,
     compose_reward,
     detect_objects,
+    text_closeness,
+    text_dense_reward,
     edit_distance,
     ocr_read,
     score_images,
@@ -305,6 +307,27 @@ def test_text_wrong_text(text_set):
     assert text_score("AB", render(sign_prompt("AC"))) == 0.5
     assert text_score("ABCD", render(sign_prompt("ABC"))) == 0.75
     assert text_score("K7", render(sign_prompt("K7XY"))) == 0.0
+
+
+def test_text_closeness_known_answers(text_set):
+    for i, (p, img) in enumerate(text_set[:40]):
+        t = p.spec.text
+        assert text_closeness(t, img) == pytest.approx(1.0)
+        dx, dy = (i % 5) - 2, ((i // 5) % 5) - 2  # within the OCR's shifts
+        assert text_closeness(t, np.roll(img, (dy, dx), axis=(0, 1))) == pytest.approx(1.0)
+    assert text_closeness("K7", WHITE) == 0.0
+    # a wrong glyph is graded: an H with M's diagonals half drawn is closer to M than a clean H
+    h = render(sign_prompt("H")).astype(np.float64)
+    m = render(sign_prompt("M")).astype(np.float64)
+    half = np.round(0.5 * (h + m)).astype(np.uint8)
+    assert 0.0 < text_closeness("M", h.astype(np.uint8)) < text_closeness("M", half) < 1.0
+    assert text_score("M", h.astype(np.uint8)) == text_score("M", half) == 0.0  # the OCR score ties them
+    # the dense reward is the mean of the two: 1 on a clean render, 0.5 * closeness on a wrong one
+    prompts = [sign_prompt("M"), sign_prompt("M")]
+    r = text_dense_reward(np.stack([m.astype(np.uint8), h.astype(np.uint8)]), prompts)
+    assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(0.5 * text_closeness("M", h.astype(np.uint8)))
+    with pytest.raises(ValueError):
+        text_dense_reward(render("a red square")[None], ["a red square"])
 
 
 # ----------------------------------------------------------------------------- quality

@@ -45,6 +45,7 @@ def register(name: str, fn: RewardFn | None = None):
 register("compose", toy.compose)
 register("compose_strict", toy.compose_strict)
 register("text", toy.text)
+register("text_dense", toy.text_dense)
 register("quality", toy.quality)
 
 

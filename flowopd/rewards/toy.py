@@ -18,6 +18,9 @@ and text), as TRL's multi-task rewards return None: OPD's routing reads the NaNs
 - ``compose_strict``: the evaluation metric itself, 1 if the image holds exactly the named objects
   (shapes, colours where named, count, relation), else 0. Sparse.
 - ``text``: OCR score 1 - min(1, edit_distance(read, target) / len(target)). Needs sign prompts.
+- ``text_dense``: the mean of ``text`` and ``world.scoring.text_closeness`` (1 - the OCR's cost of
+  reading the target string): graded inside a wrong glyph, so a group whose samples all draw the
+  same wrong letter still ranks them. 1.0 exactly for a clean render of the target.
 - ``quality``: the learned image-quality model's score (world/quality.py, the DeQA analogue);
   the prompt is ignored, but a sign prompt gets NaN: the quality teacher is trained on scenes only.
 """
@@ -28,7 +31,7 @@ import torch
 
 from ..world.prompts import PromptError, parse
 from ..world.quality import quality_score
-from ..world.scoring import compose_partial, compose_reward, text_reward
+from ..world.scoring import compose_partial, compose_reward, text_dense_reward, text_reward
 
 
 def _kind(prompt: str) -> str | None:
@@ -63,6 +66,11 @@ def compose_strict(images, prompts, metadata=None) -> torch.Tensor:
 def text(images, prompts, metadata=None) -> torch.Tensor:
     """OCR reward: 1 - min(1, edit_distance(read, target) / len(target)) in [0, 1]."""
     return _where(text_reward, images, prompts, ("sign",))
+
+
+def text_dense(images, prompts, metadata=None) -> torch.Tensor:
+    """Dense OCR reward: mean of the OCR score and the closeness to the target glyphs, in [0, 1]."""
+    return _where(text_dense_reward, images, prompts, ("sign",))
 
 
 def quality(images, prompts=None, metadata=None) -> torch.Tensor:

@@ -509,6 +509,50 @@ def text_score(target: str, img: np.ndarray) -> float:
     return 1.0 - min(1.0, edit_distance(ocr_read(img), target) / len(target))
 
 
+def text_closeness(target: str, img: np.ndarray) -> float:
+    """How close the ink is to the target string drawn at the contract's layout, in [0, 1]: 1 - the
+    normalised cost of the reading that spells `target` (the OCR's cost: each cell's squared distance
+    to its target glyph, best over the blurred templates, plus all ink outside the cells; over the
+    ink plus the chosen templates' squared norms, so blank paper costs exactly 1; best over the
+    OCR's shifts). 1 exactly for a clean render of `target`, 0 on blank paper.
+    Unlike `text_score` it is graded inside a wrong glyph: an H drawn with a hint of M's diagonals
+    is closer to "M" than a clean H (a dense reward for the text teacher)."""
+    if not target:
+        raise ValueError("empty target text")
+    img = as_uint8_images(img)[0]
+    s = ink_map(img)
+    total = float(s.sum())
+    glyph = [np.flatnonzero(_TEMPLATE_CHAR == _GLYPH_CHARS.index(c)) for c in target]
+    x0, y0 = text_layout(target)
+    best = 1.0
+    for dx in range(-OCR_SHIFT, OCR_SHIFT + 1):
+        for dy in range(-OCR_SHIFT, OCR_SHIFT + 1):
+            y, xs = y0 + dy, [x0 + dx + k * (GLYPH_W + 1) for k in range(len(target))]
+            if y < 0 or y + GLYPH_H > SIZE or xs[0] < 0 or xs[-1] + GLYPH_W > SIZE:
+                continue
+            cost, inside, norm = 0.0, 0.0, 0.0
+            for x, g in zip(xs, glyph):
+                cell = s[y : y + GLYPH_H, x : x + GLYPH_W]
+                d = ((cell[None] - _TEMPLATES[g]) ** 2).sum((1, 2))
+                cost += float(d.min())
+                norm += float(_TEMPLATE_SQ[g[d.argmin()]])
+                inside += float(cell.sum())
+            best = min(best, (cost + total - inside) / (total + norm))
+    return float(max(0.0, 1.0 - best))
+
+
+def text_dense_reward(images, prompts) -> np.ndarray:
+    """Mean of `text_score` and `text_closeness` per image (float32 (B,)); sign prompts only."""
+    imgs, prompts = _pairs(images, prompts)
+    out = []
+    for im, p in zip(imgs, prompts):
+        spec = _spec(p)
+        if spec.category != "ocr":
+            raise ValueError(f"text_dense_reward needs sign prompts, got {spec.category}")
+        out.append(0.5 * (text_score(spec.text, im) + text_closeness(spec.text, im)))
+    return np.array(out, dtype=np.float32)
+
+
 def text_reward(images, prompts) -> np.ndarray:
     """text_score per image (float32 (B,)); prompts must be sign prompts."""
     imgs, prompts = _pairs(images, prompts)
