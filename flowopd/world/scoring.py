@@ -541,28 +541,27 @@ def text_closeness(target: str, img: np.ndarray) -> float:
     return float(max(0.0, 1.0 - best))
 
 
-def text_dense_reward(images, prompts) -> np.ndarray:
-    """Mean of `text_score` and `text_closeness` per image (float32 (B,)); sign prompts only."""
+def _per_sign(score, images, prompts, name: str) -> np.ndarray:
+    """score(target, img) per image (float32 (B,)); prompts must be sign prompts."""
     imgs, prompts = _pairs(images, prompts)
     out = []
     for im, p in zip(imgs, prompts):
         spec = _spec(p)
         if spec.category != "ocr":
-            raise ValueError(f"text_dense_reward needs sign prompts, got {spec.category}")
-        out.append(0.5 * (text_score(spec.text, im) + text_closeness(spec.text, im)))
+            raise ValueError(f"{name} needs sign prompts, got {spec.category}")
+        out.append(score(spec.text, im))
     return np.array(out, dtype=np.float32)
+
+
+def text_dense_reward(images, prompts) -> np.ndarray:
+    """Mean of `text_score` and `text_closeness` per image (float32 (B,)); sign prompts only."""
+    return _per_sign(lambda t, im: 0.5 * (text_score(t, im) + text_closeness(t, im)), images, prompts,
+                     "text_dense_reward")
 
 
 def text_reward(images, prompts) -> np.ndarray:
     """text_score per image (float32 (B,)); prompts must be sign prompts."""
-    imgs, prompts = _pairs(images, prompts)
-    out = []
-    for im, p in zip(imgs, prompts):
-        spec = _spec(p)
-        if spec.category != "ocr":
-            raise ValueError(f"text_reward needs sign prompts, got {spec.category}")
-        out.append(text_score(spec.text, im))
-    return np.array(out, dtype=np.float32)
+    return _per_sign(text_score, images, prompts, "text_reward")
 
 
 # ----------------------------------------------------------------------------- aggregate
