@@ -448,6 +448,25 @@ def _readings():
 _READINGS = _readings()
 
 
+def _window_costs(s: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The OCR's cell costs on an ink map: (ytop, the ink of each 7x5 window (5, 28), the squared
+    distance of each window to each template (5, 28, T)). Windows start on the rows that can hold a
+    reading (the contract's y0 +- OCR_SHIFT; ytop is the first) and on every column."""
+    ytop = text_layout("X")[1] - OCR_SHIFT
+    band = s[ytop : ytop + 2 * OCR_SHIFT + GLYPH_H]
+    win = np.lib.stride_tricks.sliding_window_view(band, (GLYPH_H, GLYPH_W))  # (5, 28, 7, 5)
+    # squared L2 distance (cheap to batch; equals L1 = Hamming distance on binary images)
+    dist = (win**2).sum((2, 3))[..., None] + _TEMPLATE_SQ - 2.0 * np.einsum("yxhw,thw->yxt", win, _TEMPLATES)
+    return ytop, win.sum((2, 3)), dist
+
+
+def _cell_xs(length: int, dx: int) -> list[int] | None:
+    """Left columns of the cells of a `length`-character string shifted by dx (None: off the image)."""
+    x0 = text_layout("X" * length)[0] + dx
+    xs = [x0 + k * (GLYPH_W + 1) for k in range(length)]
+    return None if xs[0] < 0 or xs[-1] + GLYPH_W > SIZE else xs
+
+
 def ocr_read_detail(img: np.ndarray) -> tuple[str, float]:
     """(reading, normalised error in [0, 1]) of one image; see the module doc."""
     img = as_uint8_images(img)[0]
@@ -455,22 +474,14 @@ def ocr_read_detail(img: np.ndarray) -> tuple[str, float]:
     total = float(s.sum())
     if total < OCR_MIN_INK:
         return "", 1.0
-    # windows whose top row can hold a reading: y0 +- OCR_SHIFT
-    ytop = text_layout("X")[1] - OCR_SHIFT
-    band = s[ytop : ytop + 2 * OCR_SHIFT + GLYPH_H]
-    win = np.lib.stride_tricks.sliding_window_view(band, (GLYPH_H, GLYPH_W))  # (5, 28, 7, 5)
-    wink = win.sum((2, 3))
-    # squared L2 distance of each window to each template (cheap to batch; equals
-    # L1 = Hamming distance on binary images)
-    dist = (win**2).sum((2, 3))[..., None] + _TEMPLATE_SQ - 2.0 * np.einsum("yxhw,thw->yxt", win, _TEMPLATES)
+    ytop, wink, dist = _window_costs(s)
     best_t = dist.argmin(-1)
     best_d = np.take_along_axis(dist, best_t[..., None], -1)[..., 0]
     best = None
     for L, dx, dy in _READINGS:
-        x0, y0 = text_layout("X" * L)
-        y = y0 + dy - ytop  # row in the band
-        xs = [x0 + dx + k * (GLYPH_W + 1) for k in range(L)]
-        if xs[0] < 0 or xs[-1] + GLYPH_W > SIZE:
+        y = text_layout("X" * L)[1] + dy - ytop  # row in the band
+        xs = _cell_xs(L, dx)
+        if xs is None:
             continue
         cost = sum(best_d[y, x] for x in xs) + (total - sum(wink[y, x] for x in xs))
         key = (round(float(cost), 6), abs(dx) + abs(dy), L)
@@ -519,24 +530,24 @@ def text_closeness(target: str, img: np.ndarray) -> float:
     is closer to "M" than a clean H (a dense reward for the text teacher)."""
     if not target:
         raise ValueError("empty target text")
-    img = as_uint8_images(img)[0]
-    s = ink_map(img)
+    s = ink_map(as_uint8_images(img)[0])
     total = float(s.sum())
+    ytop, wink, dist = _window_costs(s)
     glyph = [np.flatnonzero(_TEMPLATE_CHAR == _GLYPH_CHARS.index(c)) for c in target]
-    x0, y0 = text_layout(target)
+    y0 = text_layout(target)[1] - ytop  # the contract's row in the band
     best = 1.0
     for dx in range(-OCR_SHIFT, OCR_SHIFT + 1):
+        xs = _cell_xs(len(target), dx)
+        if xs is None:
+            continue
         for dy in range(-OCR_SHIFT, OCR_SHIFT + 1):
-            y, xs = y0 + dy, [x0 + dx + k * (GLYPH_W + 1) for k in range(len(target))]
-            if y < 0 or y + GLYPH_H > SIZE or xs[0] < 0 or xs[-1] + GLYPH_W > SIZE:
-                continue
+            y = y0 + dy
             cost, inside, norm = 0.0, 0.0, 0.0
             for x, g in zip(xs, glyph):
-                cell = s[y : y + GLYPH_H, x : x + GLYPH_W]
-                d = ((cell[None] - _TEMPLATES[g]) ** 2).sum((1, 2))
+                d = dist[y, x, g]
                 cost += float(d.min())
                 norm += float(_TEMPLATE_SQ[g[d.argmin()]])
-                inside += float(cell.sum())
+                inside += float(wink[y, x])
             best = min(best, (cost + total - inside) / (total + norm))
     return float(max(0.0, 1.0 - best))
 
