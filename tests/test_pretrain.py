@@ -110,3 +110,31 @@ def test_a_curriculum_gives_the_weights_of_its_stages_run_one_by_one(tmp_path):
     b = pretrain(PretrainConfig(sigma_mean=1.0, init=str(a), **{**tiny, **stages[1]}), tmp_path / "b")
     w_staged, w_b = load_checkpoint(staged).model.state_dict(), load_checkpoint(b).model.state_dict()
     assert all(torch.equal(v, w_b[k]) for k, v in w_staged.items())
+
+
+def test_word_dropout_hides_attribute_words_only_and_is_off_by_default():
+    from flowopd.backends.tiny_model import ATTRIBUTE_WORDS, UNK, Tokenizer
+    from flowopd.trainers.pretrain import Batches, PretrainConfig
+
+    base = dict(batch_size=256, dataset_size=256, text_fraction=0.3, seed=1, p_uncond=0.0)
+    plain = Batches(PretrainConfig(**base), "cpu")
+    hidden = Batches(PretrainConfig(word_dropout=0.5, **base), "cpu")
+    x0, ids0, _ = plain.draw(torch.Generator().manual_seed(0))
+    x, ids, _ = hidden.draw(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0)  # the same renders: dropout draws after the batch is chosen
+    attr = torch.isin(ids0, torch.tensor([Tokenizer.vocab[w] for w in ATTRIBUTE_WORDS]))
+    changed = ids != ids0
+    assert (UNK not in ids0) and (ids[changed] == UNK).all()  # grammar prompts have no unknown word
+    assert not (changed & ~attr).any()  # connectives, articles and sign characters stay
+    assert 0.4 < changed.sum() / attr.sum() < 0.6
+
+
+def test_a_text_encoder_without_layers_keeps_each_token_to_itself():
+    from flowopd.backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
+
+    m = TinyUNet(TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=0, heads=2, groups=4, cond_dim=16, roles=True))
+    ids, slots = Tokenizer().batch(["a red square and a blue circle", "a red square and a green circle"])
+    tokens, pad, _ = m.encode(ids, slots)
+    # the words before "green"/"blue" are the same in both prompts, and so are their features
+    assert torch.allclose(tokens[0, :4], tokens[1, :4]) and not torch.allclose(tokens[0, 5], tokens[1, 5])
+    assert not any("encoder" in k for k in m.state_dict())

@@ -28,6 +28,8 @@ WORDS = (
     "red green blue yellow purple left right of above below sign that says"
 ).split()
 CONNECTIVES = ("and", "left", "right", "of", "above", "below")  # words between two objects
+ATTRIBUTE_WORDS = ("two three four square squares circle circles triangle triangles "
+                   "red green blue yellow purple").split()  # what an object is: its count, shape, colour
 CHARS = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"
 PAD, NULL, UNK, UNK_CHAR, QUOTE = 0, 1, 2, 3, 4
 N_SPECIAL = 5
@@ -109,7 +111,8 @@ class TextEncoder(nn.Module):
         self.tok = nn.Embedding(Tokenizer.size, d)
         self.slot = nn.Embedding(Tokenizer.n_slots + MAX_QUOTED, d)
         layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        # text_layers 0: no mixing between tokens, each keeps its own (word + slot + role) embedding
+        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False) if cfg.text_layers else None
         self.norm = nn.LayerNorm(d)
         self.role = nn.Embedding(3, d) if cfg.roles else None
         self.register_buffer("connectives", torch.tensor([Tokenizer.vocab[w] for w in CONNECTIVES]), persistent=False)
@@ -128,7 +131,9 @@ class TextEncoder(nn.Module):
         h = self.tok(ids) + self.slot(slots)
         if self.role is not None:
             h = h + self.role(self.roles(ids))
-        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        if self.encoder is not None:
+            h = self.encoder(h, src_key_padding_mask=pad)
+        h = self.norm(h)
         keep = (~pad).unsqueeze(-1).to(h.dtype)
         pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
         return h, pad, pooled

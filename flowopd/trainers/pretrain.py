@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
-from ..backends.tiny_model import TinyConfig, TinyUNet, Tokenizer
+from ..backends.tiny_model import ATTRIBUTE_WORDS, UNK, TinyConfig, TinyUNet, Tokenizer
 from ..config import build, require, to_dict
 from .checkpointing import RunState
 from .common import EMA, optimizer_step
@@ -65,6 +65,10 @@ class PretrainConfig:
     device: str = "cpu"
     channels: list[int] = field(default_factory=lambda: [32, 64, 96])
     roles: bool = False  # the model's role embedding on prompt tokens (TinyConfig.roles)
+    text_layers: int = 2  # transformer layers over the prompt tokens (0: each token's own embedding)
+    # each attribute word (shape, colour, count) of a drawn prompt becomes the unknown word with this
+    # probability; the render still fits the vaguer prompt, and no word can stand in for its neighbours
+    word_dropout: float = 0.0
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
     log_every: int = 100
@@ -86,6 +90,8 @@ class PretrainConfig:
         require(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
         require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
         require(self.state_every >= 0, "state_every must be >= 0")
+        require(self.text_layers >= 0, "text_layers must be >= 0")
+        require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         unknown = set(self.category_weights) - set(CATEGORIES)
         require(not unknown, f"category_weights: unknown categories {sorted(unknown)}; categories are {', '.join(CATEGORIES)}")
@@ -175,6 +181,8 @@ class Batches:
         self.null_ids, self.null_slots = (t.to(device) for t in tok.batch([None]))
         self.x = torch.from_numpy(to_model_space(images)).to(device)
         self.batch_size, self.p_uncond, self.device = cfg.batch_size, cfg.p_uncond, device
+        self.word_dropout = cfg.word_dropout
+        self.attribute_ids = torch.tensor([tok.vocab[w] for w in ATTRIBUTE_WORDS], device=device)
 
     def draw(self, gen):
         """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL."""
@@ -183,6 +191,9 @@ class Batches:
         ids, slots = self.ids[idx], self.slots[idx]
         drop = torch.rand(n, device=dev, generator=gen) < self.p_uncond
         ids = torch.where(drop[:, None], self.null_ids.expand_as(ids), ids)
+        if self.word_dropout:  # (no draw without it: the data stream of older runs stays the same)
+            hit = torch.rand(ids.shape, device=dev, generator=gen) < self.word_dropout
+            ids = torch.where(hit & torch.isin(ids, self.attribute_ids), UNK, ids)
         slots = torch.where(drop[:, None], self.null_slots.expand_as(slots), slots)
         return self.x[idx], ids, slots
 
@@ -199,7 +210,7 @@ def _model(cfg: PretrainConfig, device) -> TinyUNet:
     """Random weights (seeded by the caller), or the `init` checkpoint's to continue from."""
     if cfg.init:
         return load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
-    return TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles)).to(device)
+    return TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers)).to(device)
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
