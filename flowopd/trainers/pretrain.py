@@ -67,7 +67,7 @@ class PretrainConfig:
     roles: bool = False  # the model's role embedding on prompt tokens (TinyConfig.roles)
     text_layers: int = 2  # transformer layers over the prompt tokens (0: each token's own embedding)
     # each attribute word (shape, colour, count) of a drawn prompt becomes the unknown word with this
-    # probability; the render still fits the vaguer prompt, and no word can stand in for its neighbours
+    # probability (the render still fits the vaguer prompt): each word must be learned on its own
     word_dropout: float = 0.0
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
@@ -185,7 +185,8 @@ class Batches:
         self.attribute_ids = torch.tensor([tok.vocab[w] for w in ATTRIBUTE_WORDS], device=device)
 
     def draw(self, gen):
-        """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL."""
+        """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL
+        and, with word_dropout, attribute words replaced by UNK."""
         n, dev = self.batch_size, self.device
         idx = torch.randint(0, self.x.shape[0], (n,), device=dev, generator=gen)
         ids, slots = self.ids[idx], self.slots[idx]
