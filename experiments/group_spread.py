@@ -19,7 +19,7 @@ import numpy as np
 from flowopd.backends import load_checkpoint
 from flowopd.sampling import sample_images
 from flowopd.world.prompts import CATEGORIES, get_split, parse, train_prompts
-from flowopd.world.scoring import compose_partial, compose_reward, ocr_read, text_reward
+from flowopd.world.scoring import compose_partial, compose_reward, ocr_read, reading_score
 
 
 def main() -> None:
@@ -39,10 +39,12 @@ def main() -> None:
         picked = [pool[i] for i in rng.choice(len(pool), size=min(a.signs, len(pool)), replace=False)]
         prompts = [p for p in picked for _ in range(a.group)]
         images = sample_images(backend, prompts, steps=a.steps, cfg=a.cfg, seed=a.seed, progress=False)
-        scores = text_reward(images, prompts).reshape(-1, a.group)
         for k, p in enumerate(picked):
-            reads = " ".join(ocr_read(im) or "-" for im in images[k * a.group : (k + 1) * a.group])
-            print(f"{parse(p).text!r}: score {scores[k].mean():.2f}, std {scores[k].std():.2f} | {reads}", flush=True)
+            target = parse(p).text
+            reads = [ocr_read(im) for im in images[k * a.group : (k + 1) * a.group]]  # each image read once
+            scores = np.array([reading_score(target, r) for r in reads])
+            shown = " ".join(r or "-" for r in reads)
+            print(f"{target!r}: score {scores.mean():.2f}, std {scores.std():.2f} | {shown}", flush=True)
         return
     for c in CATEGORIES:
         pool = train_prompts(c)

@@ -513,11 +513,16 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def text_score(target: str, img: np.ndarray) -> float:
-    """1 - min(1, edit_distance(read, target) / len(target))."""
+def reading_score(target: str, read: str) -> float:
+    """1 - min(1, edit_distance(read, target) / len(target)): the OCR score of a reading."""
     if not target:
         raise ValueError("empty target text")
-    return 1.0 - min(1.0, edit_distance(ocr_read(img), target) / len(target))
+    return 1.0 - min(1.0, edit_distance(read, target) / len(target))
+
+
+def text_score(target: str, img: np.ndarray) -> float:
+    """reading_score of the OCR's reading of one image."""
+    return reading_score(target, ocr_read(img))
 
 
 def text_closeness(target: str, img: np.ndarray) -> float:
