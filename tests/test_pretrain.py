@@ -138,3 +138,62 @@ def test_a_text_encoder_without_layers_keeps_each_token_to_itself():
     # the words before "green"/"blue" are the same in both prompts, and so are their features
     assert torch.allclose(tokens[0, :4], tokens[1, :4]) and not torch.allclose(tokens[0, 5], tokens[1, 5])
     assert not any("encoder" in k for k in m.state_dict())
+
+
+def test_caption_noise_flips_relations_and_swaps_colours_only_and_keeps_the_renders():
+    from flowopd.backends.tiny_model import Tokenizer
+    from flowopd.trainers.pretrain import Batches, PretrainConfig
+    from flowopd.world.prompts import COLORS
+
+    v = Tokenizer.vocab
+    base = dict(batch_size=512, dataset_size=512, text_fraction=0.2, seed=2, p_uncond=0.0,
+                category_weights={"position": 1, "color_attr": 1, "colors": 1})
+    plain = Batches(PretrainConfig(**base), "cpu")
+    noisy = Batches(PretrainConfig(relation_noise=0.3, binding_noise=0.4, **base), "cpu")
+    x0, ids0, s0 = plain.draw(torch.Generator().manual_seed(0))
+    x, ids, s = noisy.draw(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0) and torch.equal(s, s0)  # the same renders and slots: only words change
+    rel = torch.tensor([v[w] for w in ("left", "right", "above", "below")])
+    col = torch.tensor([v[c] for c in COLORS])
+    has_rel = torch.isin(ids0, rel).any(1)
+    two_col = torch.isin(ids0, col).sum(1) == 2
+    changed = (ids != ids0).any(1)
+    assert not (changed & ~has_rel & ~two_col).any()  # signs, single objects: untouched
+    flipped = changed & has_rel
+    opposite = {v["left"]: v["right"], v["right"]: v["left"], v["above"]: v["below"], v["below"]: v["above"]}
+    for i in flipped.nonzero().flatten().tolist():  # the relation word became its opposite, nothing else moved
+        d = (ids[i] != ids0[i]).nonzero().flatten().tolist()
+        assert len(d) == 1 and opposite[ids0[i, d[0]].item()] == ids[i, d[0]].item()
+    assert 0.2 < flipped.sum() / has_rel.sum() < 0.4
+    distinct = torch.tensor([len(set(r[torch.isin(r, col)].tolist())) == 2 for r in ids0])  # a swap shows
+    swapped = changed & two_col
+    for i in swapped.nonzero().flatten().tolist():  # the two colours traded places
+        d = (ids[i] != ids0[i]).nonzero().flatten().tolist()
+        assert len(d) == 2 and ids[i, d[0]] == ids0[i, d[1]] and ids[i, d[1]] == ids0[i, d[0]]
+    assert 0.3 < swapped.sum() / distinct.sum() < 0.5
+
+
+def test_glyph_noise_changes_sign_characters_only_to_other_characters():
+    from flowopd.backends.tiny_model import Tokenizer
+    from flowopd.trainers.pretrain import Batches, PretrainConfig
+
+    base = dict(batch_size=512, dataset_size=512, text_fraction=0.5, seed=3, p_uncond=0.0)
+    x0, ids0, _ = Batches(PretrainConfig(**base), "cpu").draw(torch.Generator().manual_seed(0))
+    x, ids, _ = Batches(PretrainConfig(glyph_noise=0.2, **base), "cpu").draw(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0)
+    is_char = ids0 >= Tokenizer.char_base
+    changed = ids != ids0
+    assert not (changed & ~is_char).any() and (ids[changed] >= Tokenizer.char_base).all()
+    assert (ids < Tokenizer.size).all()
+    assert 0.15 < changed.sum() / is_char.sum() < 0.25
+
+
+def test_caption_noise_is_refused_past_one_half():
+    from flowopd.config import ConfigError
+    from flowopd.trainers.pretrain import PretrainConfig
+
+    import pytest
+
+    for key in ("relation_noise", "binding_noise", "glyph_noise"):
+        with pytest.raises(ConfigError, match=key):
+            PretrainConfig(**{key: 0.6}).validate()

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
-from ..backends.tiny_model import ATTRIBUTE_WORDS, UNK, TinyConfig, TinyUNet, Tokenizer
+from ..backends.tiny_model import ATTRIBUTE_WORDS, CHARS, UNK, TinyConfig, TinyUNet, Tokenizer
 from ..config import build, require, to_dict
 from .checkpointing import RunState
 from .common import EMA, optimizer_step
@@ -40,7 +40,7 @@ from .runlog import RunLogger
 from ..state import check_out_dir
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
-from ..world.prompts import CATEGORIES, sample_prompt
+from ..world.prompts import CATEGORIES, COLORS, sample_prompt
 from ..world.render import render, to_model_space
 
 
@@ -69,6 +69,15 @@ class PretrainConfig:
     # each attribute word (shape, colour, count) of a drawn prompt becomes the unknown word with this
     # probability (the render still fits the vaguer prompt): each word must be learned on its own
     word_dropout: float = 0.0
+    # caption noise (the render still shows the true prompt): a position prompt's relation word becomes
+    # its opposite (left/right, above/below) with probability relation_noise, and the two colour words
+    # of a two-object prompt trade places with probability binding_noise, and each character of a sign
+    # becomes another one with probability glyph_noise. A model fit to such data
+    # follows those words only as far as its captions do, as a base trained on loosely captioned
+    # images does, and on held-out prompts as on trained ones: a weak preference that RL can sharpen
+    relation_noise: float = 0.0
+    binding_noise: float = 0.0
+    glyph_noise: float = 0.0
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
     log_every: int = 100
@@ -92,6 +101,9 @@ class PretrainConfig:
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.text_layers >= 0, "text_layers must be >= 0")
         require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
+        require(0 <= self.relation_noise <= 0.5, "relation_noise must be in [0, 0.5]")
+        require(0 <= self.binding_noise <= 0.5, "binding_noise must be in [0, 0.5]")
+        require(0 <= self.glyph_noise <= 0.5, "glyph_noise must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         unknown = set(self.category_weights) - set(CATEGORIES)
         require(not unknown, f"category_weights: unknown categories {sorted(unknown)}; categories are {', '.join(CATEGORIES)}")
@@ -183,10 +195,16 @@ class Batches:
         self.batch_size, self.p_uncond, self.device = cfg.batch_size, cfg.p_uncond, device
         self.word_dropout = cfg.word_dropout
         self.attribute_ids = torch.tensor([tok.vocab[w] for w in ATTRIBUTE_WORDS], device=device)
+        self.relation_noise, self.binding_noise, self.glyph_noise = cfg.relation_noise, cfg.binding_noise, cfg.glyph_noise
+        self.opposite = torch.arange(tok.size, device=device)  # token id -> the id of its opposite relation
+        for a, b in (("left", "right"), ("above", "below")):
+            self.opposite[tok.vocab[a]], self.opposite[tok.vocab[b]] = tok.vocab[b], tok.vocab[a]
+        self.color_ids = torch.tensor([tok.vocab[c] for c in COLORS], device=device)
 
     def draw(self, gen):
-        """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL
-        and, with word_dropout, attribute words replaced by UNK."""
+        """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL,
+        with word_dropout attribute words replaced by UNK, and with relation_noise / binding_noise /
+        glyph_noise relation words flipped / two colour words swapped / sign characters changed."""
         n, dev = self.batch_size, self.device
         idx = torch.randint(0, self.x.shape[0], (n,), device=dev, generator=gen)
         ids, slots = self.ids[idx], self.slots[idx]
@@ -195,6 +213,20 @@ class Batches:
         if self.word_dropout:  # (no draw without it: the data stream of older runs stays the same)
             hit = torch.rand(ids.shape, device=dev, generator=gen) < self.word_dropout
             ids = torch.where(hit & torch.isin(ids, self.attribute_ids), UNK, ids)
+        if self.relation_noise:  # (each key draws only when it is on, for the same reason)
+            flip = torch.rand(n, device=dev, generator=gen) < self.relation_noise
+            ids = torch.where(flip[:, None], self.opposite[ids], ids)
+        if self.binding_noise:
+            is_color = torch.isin(ids, self.color_ids)
+            swap = (torch.rand(n, device=dev, generator=gen) < self.binding_noise) & (is_color.sum(1) == 2)
+            where = torch.sort(is_color.int(), dim=1, descending=True, stable=True).indices[:, :2]  # the two colours
+            swapped = ids.scatter(1, where, ids.gather(1, where).flip(1))
+            ids = torch.where(swap[:, None], swapped, ids)
+        if self.glyph_noise:
+            n_chars, first = len(CHARS), Tokenizer.char_base
+            hit = (ids >= first) & (torch.rand(ids.shape, device=dev, generator=gen) < self.glyph_noise)
+            other = first + (ids - first + torch.randint(1, n_chars, ids.shape, device=dev, generator=gen)) % n_chars
+            ids = torch.where(hit, other, ids)
         slots = torch.where(drop[:, None], self.null_slots.expand_as(slots), slots)
         return self.x[idx], ids, slots
 
