@@ -72,9 +72,8 @@ class PretrainConfig:
     # caption noise (the render still shows the true prompt): a position prompt's relation word becomes
     # its opposite (left/right, above/below) with probability relation_noise, and the two colour words
     # of a two-object prompt trade places with probability binding_noise, and each character of a sign
-    # becomes another one with probability glyph_noise. A model fit to such data
-    # follows those words only as far as its captions do, as a base trained on loosely captioned
-    # images does, and on held-out prompts as on trained ones: a weak preference that RL can sharpen
+    # becomes another one with probability glyph_noise, as in loosely captioned images: a model fit to
+    # such data follows those words only as often as its captions do (what it gave: docs/experiments.md)
     relation_noise: float = 0.0
     binding_noise: float = 0.0
     glyph_noise: float = 0.0
