@@ -100,9 +100,8 @@ class PretrainConfig:
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.text_layers >= 0, "text_layers must be >= 0")
         require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
-        require(0 <= self.relation_noise <= 0.5, "relation_noise must be in [0, 0.5]")
-        require(0 <= self.binding_noise <= 0.5, "binding_noise must be in [0, 0.5]")
-        require(0 <= self.glyph_noise <= 0.5, "glyph_noise must be in [0, 0.5]")
+        for key in ("relation_noise", "binding_noise", "glyph_noise"):
+            require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         unknown = set(self.category_weights) - set(CATEGORIES)
         require(not unknown, f"category_weights: unknown categories {sorted(unknown)}; categories are {', '.join(CATEGORIES)}")
