@@ -5,7 +5,7 @@ accuracy and, among the images that hold both shapes, how often the relation is 
 shape on the wrong side). Each held-out test triple shares its words with a training triple whose
 layout is the opposite ("a square above a circle" is test, "a square below a circle" is train), so
 a model that maps the word set to a layout, rather than reading the relation, fails on test by
-drawing the reversed layout, and RL on training prompts can make that worse.
+drawing the reversed layout.
 
     python experiments/position_triples.py --checkpoint experiments/checkpoints/order_candidate
     python experiments/position_triples.py --checkpoint runs/NAME/final --noises 16 --out FILE.json
