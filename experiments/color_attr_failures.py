@@ -2,15 +2,13 @@
 onto the other.
 
 Every test color_attr prompt names one of the held-out colour-shape pairs (HELDOUT_COLOR_SHAPE),
-which no training prompt of any category names. Each test prompt is sampled with N noises and
-every failed image is put in the first class that fits:
-  - wrong objects: not exactly the two named shapes (a count or shape error, not a binding one);
-  - one shape named twice: prompts like "a purple square and a red square";
-  - swapped: each shape got the other one's colour;
+which no training prompt of any category names. Each test prompt is sampled with N noises and each
+image gets compose_probe.failure's label ("ok", "binding swapped", detection counts, ...), with
+"colours wrong" split further:
+  - colours wrong, one shape named twice: prompts like "a purple square and a red square";
   - held-out / other object took the other's colour: that object is drawn in the other object's
     colour (both objects then share one colour);
-  - held-out / other object took a third colour;
-  - colours right, failed otherwise.
+  - held-out / other object took a third colour.
 
     python experiments/color_attr_failures.py --checkpoint experiments/checkpoints/order_candidate
     python experiments/color_attr_failures.py --checkpoint runs/NAME/final --noises 4 --out FILE.json
@@ -24,27 +22,22 @@ import collections
 import json
 from pathlib import Path
 
-import numpy as np
-
+from compose_probe import failure
 from flowopd.backends import load_checkpoint
 from flowopd.sampling import sample_images
 from flowopd.world.prompts import HELDOUT_COLOR_SHAPE, make_prompt, test_prompts_of
-from flowopd.world.scoring import compose_reward, detect_objects
+from flowopd.world.scoring import detect_objects
 
 
 def failure_class(prompt: str, image) -> str:
-    spec = make_prompt(prompt).spec
-    o1, o2 = spec.objects
-    dets = [d for d in detect_objects(image) if d.valid]
-    if len(dets) != 2 or sorted(d.shape for d in dets) != sorted((o1.shape, o2.shape)):
-        return "wrong objects"
+    p = make_prompt(prompt)
+    label = failure(p, image)
+    if label != "colours wrong":
+        return label
+    o1, o2 = p.spec.objects
     if o1.shape == o2.shape:
-        return "one shape named twice"
-    got = {d.shape: d.color for d in dets}
-    if got[o1.shape] == o2.color and got[o2.shape] == o1.color:
-        return "swapped"
-    if got[o1.shape] == o1.color and got[o2.shape] == o2.color:
-        return "colours right, failed otherwise"  # e.g. an invalid extra detection
+        return "colours wrong, one shape named twice"
+    got = {d.shape: d.color for d in detect_objects(image)}  # failure(): two valid detections, the named shapes
     o, other = (o1, o2) if got[o1.shape] != o1.color else (o2, o1)
     who = "held-out object" if (o.color, o.shape) in HELDOUT_COLOR_SHAPE else "other object"
     return f"{who} took the other's colour" if got[o.shape] == other.color else f"{who} took a third colour"
@@ -63,8 +56,7 @@ def main() -> None:
     backend = load_checkpoint(a.checkpoint, device="cpu")
     prompts = [p for p in test_prompts_of("color_attr") for _ in range(a.noises)]
     images = sample_images(backend, prompts, steps=a.steps, seed=0, progress=False)
-    ok = np.asarray(compose_reward(images, prompts)) > 0.5
-    counts = collections.Counter("right" if k else failure_class(p, im) for p, im, k in zip(prompts, images, ok))
+    counts = collections.Counter(failure_class(p, im) for p, im in zip(prompts, images))
     fractions = {k: round(v / len(prompts), 4) for k, v in counts.most_common()}
     for k, v in fractions.items():
         print(f"{v:.3f}  {k}")
