@@ -197,3 +197,35 @@ def test_caption_noise_is_refused_past_one_half():
     for key in ("relation_noise", "binding_noise", "glyph_noise"):
         with pytest.raises(ConfigError, match=key):
             PretrainConfig(**{key: 0.6}).validate()
+
+
+def test_a_pretrained_prompt_encoder_is_loaded_and_stays_frozen_while_the_rest_trains(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from flowopd.backends import load_checkpoint
+    from flowopd.backends.tiny_model import TextEncoder, TinyConfig
+    from flowopd.errors import UserError
+    from flowopd.trainers.pretrain import PretrainConfig, pretrain
+
+    torch.manual_seed(5)
+    enc = TextEncoder(TinyConfig(roles=True)).state_dict()
+    save_file(enc, str(tmp_path / "enc.safetensors"))
+    tiny = dict(batch_size=4, dataset_size=8, channels=[8, 8, 8], state_every=0, warmup=1, roles=True, lr=1e-2)
+    frozen = load_checkpoint(pretrain(PretrainConfig(steps=3, text_init=str(tmp_path / "enc.safetensors"),
+                                                     freeze_text=True, **tiny), tmp_path / "a")).model.state_dict()
+    assert all(torch.equal(frozen["text." + k], v) for k, v in enc.items())  # bit for bit, through the EMA save
+    # the rest trains: the same run at a vanishing learning rate ends elsewhere
+    still = load_checkpoint(pretrain(PretrainConfig(steps=3, text_init=str(tmp_path / "enc.safetensors"),
+                                                    freeze_text=True, **{**tiny, "lr": 1e-12}),
+                                     tmp_path / "b")).model.state_dict()
+    assert not torch.allclose(frozen["conv_in.weight"], still["conv_in.weight"])
+    # not frozen: the loaded encoder trains on
+    thawed = load_checkpoint(pretrain(PretrainConfig(steps=3, text_init=str(tmp_path / "enc.safetensors"), **tiny),
+                                      tmp_path / "c")).model.state_dict()
+    assert not all(torch.equal(thawed["text." + k], v) for k, v in enc.items())
+    with pytest.raises(UserError, match="no such file"):
+        pretrain(PretrainConfig(steps=1, text_init=str(tmp_path / "missing.safetensors"), **tiny), tmp_path / "d")
+    with pytest.raises(UserError, match="does not fit"):  # an encoder with roles, a model without
+        pretrain(PretrainConfig(steps=1, text_init=str(tmp_path / "enc.safetensors"), **{**tiny, "roles": False}),
+                 tmp_path / "e")

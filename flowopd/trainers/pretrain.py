@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backends.tiny import TinyBackend, autocast, load_checkpoint, save_checkpoint
+from ..backends.tiny import TinyBackend, autocast, load_checkpoint, read_weights, save_checkpoint
 from ..backends.tiny_model import ATTRIBUTE_WORDS, CHARS, UNK, TinyConfig, TinyUNet, Tokenizer
 from ..config import build, require, to_dict
+from ..errors import UserError
 from .checkpointing import RunState
 from .common import EMA, optimizer_step
 from .runlog import RunLogger
@@ -66,6 +67,10 @@ class PretrainConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 96])
     roles: bool = False  # the model's role embedding on prompt tokens (TinyConfig.roles)
     text_layers: int = 2  # transformer layers over the prompt tokens (0: each token's own embedding)
+    # a prompt encoder pretrained on the grammar's language (experiments/parse_encoder.py): its weights
+    # (a .safetensors of TextEncoder) replace the random ones when training starts from scratch
+    text_init: str = ""
+    freeze_text: bool = False  # keep the prompt encoder's weights fixed, as SD3 keeps T5 and CLIP fixed
     # each attribute word (shape, colour, count) of a drawn prompt becomes the unknown word with this
     # probability (the render still fits the vaguer prompt): each word must be learned on its own
     word_dropout: float = 0.0
@@ -240,8 +245,19 @@ def _device(name: str) -> torch.device:
 def _model(cfg: PretrainConfig, device) -> TinyUNet:
     """Random weights (seeded by the caller), or the `init` checkpoint's to continue from."""
     if cfg.init:
-        return load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
-    return TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers)).to(device)
+        model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
+    else:
+        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers)).to(device)
+        if cfg.text_init:
+            path = Path(cfg.text_init)
+            if not path.is_file():
+                raise UserError(f"text_init: no such file {path}")
+            try:
+                model.text.load_state_dict(read_weights(path))
+            except RuntimeError as e:  # another encoder shape (roles, text_layers) than this model's
+                raise UserError(f"text_init {path} does not fit this model's prompt encoder: {e}") from None
+    model.text.requires_grad_(not cfg.freeze_text)
+    return model
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> Path:
@@ -261,9 +277,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     render_s = time.time() - t0
     model = _model(cfg, device)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
-    params = dict(model.named_parameters())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # (not a frozen prompt encoder)
     ema = EMA(params.values(), cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     # the scheduler counts the updates taken (skipped ones excluded): the EMA's update count
@@ -284,7 +300,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         shadow = dict(zip(params, ema.shadow))
         sampling = {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift}
         backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
-        save_checkpoint(backend, out / name, meta, debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch))
+        weights = {**model.state_dict(), **debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch)}
+        save_checkpoint(backend, out / name, meta, weights)
 
     save_at = set(cfg.save_at)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", mininterval=2, initial=start, total=cfg.steps)
