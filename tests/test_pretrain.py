@@ -205,6 +205,7 @@ def test_a_pretrained_prompt_encoder_is_loaded_and_stays_frozen_while_the_rest_t
 
     from flowopd.backends import load_checkpoint
     from flowopd.backends.tiny_model import TextEncoder, TinyConfig
+    from flowopd.config import ConfigError, load
     from flowopd.errors import UserError
     from flowopd.trainers.pretrain import PretrainConfig, pretrain
 
@@ -226,6 +227,8 @@ def test_a_pretrained_prompt_encoder_is_loaded_and_stays_frozen_while_the_rest_t
     assert not all(torch.equal(thawed["text." + k], v) for k, v in enc.items())
     with pytest.raises(UserError, match="no such file"):
         pretrain(PretrainConfig(steps=1, text_init=str(tmp_path / "missing.safetensors"), **tiny), tmp_path / "d")
+    with pytest.raises(ConfigError, match="give one of the two"):  # init keeps its checkpoint's own encoder
+        load(PretrainConfig, None, [f"init={tmp_path / 'a' / 'final'}", f"text_init={tmp_path / 'enc.safetensors'}"])
     with pytest.raises(UserError, match="does not fit"):  # an encoder with roles, a model without
         pretrain(PretrainConfig(steps=1, text_init=str(tmp_path / "enc.safetensors"), **{**tiny, "roles": False}),
                  tmp_path / "e")

@@ -104,6 +104,9 @@ class PretrainConfig:
         require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.text_layers >= 0, "text_layers must be >= 0")
+        require(not (self.init and self.text_init),
+                "text_init replaces the prompt encoder of a model trained from scratch; a run from init keeps the "
+                "checkpoint's own encoder: give one of the two")
         require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
         for key in ("relation_noise", "binding_noise", "glyph_noise"):
             require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
@@ -243,7 +246,8 @@ def _device(name: str) -> torch.device:
 
 
 def _model(cfg: PretrainConfig, device) -> TinyUNet:
-    """Random weights (seeded by the caller), or the `init` checkpoint's to continue from."""
+    """Random weights (seeded by the caller; the prompt encoder's from `text_init` if given), or the
+    `init` checkpoint's to continue from; the prompt encoder trains unless `freeze_text`."""
     if cfg.init:
         model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
     else:
