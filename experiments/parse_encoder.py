@@ -135,7 +135,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         if step % 500 == 0 or step == 1:
-            print(step, {k: round(float(v), 4) for k, v in ls.items()}, flush=True)
+            print(step, {k: round(v.item(), 4) for k, v in ls.items()}, flush=True)
     enc.eval()
     res = {"args": vars(args)}
     for name, pool in (("train", train), ("test", test)):
