@@ -9,9 +9,9 @@ its place: the first object of "A left of B" is left, B is right), and every tok
 slot (so signs and words stay readable). Then it reports how well the features carry those
 attributes on the held-out prompts (colour-shape pairs no training prompt holds).
 
-    python experiments/parse_encoder.py --out runs/parse_encoder
+    python experiments/parse_encoder.py --out runs/parse_enc --steps 1500
     flowopd pretrain --config configs/toy_pretrain_order.yaml --out runs/NAME \
-        text_init=runs/parse_encoder/encoder.safetensors freeze_text=true
+        text_init=runs/parse_enc/encoder.safetensors freeze_text=true
 
 Writes OUT/encoder.safetensors (TextEncoder weights) and OUT/results.json (accuracy per target,
 train and held-out).
@@ -40,20 +40,19 @@ TARGETS = ("color", "shape", "count", "place")
 N_CLASSES = {"color": 1 + len(COLORS), "shape": len(SHAPES), "count": 4, "place": 5}
 
 
-def targets(prompt: str, tok: Tokenizer, roles: torch.Tensor) -> dict[str, list[int]]:
-    """Per token: the attributes of the object the token belongs to (IGNORE on connectives, signs, pads)."""
+def targets(prompt: str, ids: list[int], roles: list[int]) -> dict[str, list[int]]:
+    """Per token (ids, roles: the prompt's tokens and their roles): the attributes of the object the
+    token belongs to (IGNORE on connectives, signs, pads). A counting prompt's words all have role 0
+    and name one kind of object."""
     spec = parse(prompt)
-    out = {k: [IGNORE] * len(roles) for k in TARGETS}
+    out = {k: [IGNORE] * len(ids) for k in TARGETS}
     if spec.category == "ocr":
         return out
     n_obj = len(spec.objects)
-    groups = [spec.objects] if spec.category == "counting" else [(o,) for o in spec.objects]
-    ids = tok.encode(prompt)[0]
-    for t, (i, r) in enumerate(zip(ids, roles.tolist())):
+    for t, (i, r) in enumerate(zip(ids, roles)):
         if i == PAD or r == 1:
             continue
-        objs = groups[0 if r == 0 else 1]
-        o = objs[0]
+        o = spec.objects[0 if r == 0 else 1]
         out["color"][t] = 0 if o.color is None else 1 + COLORS.index(o.color)
         out["shape"][t] = SHAPES.index(o.shape)
         out["count"][t] = (n_obj if spec.category == "counting" else 1) - 1
@@ -67,7 +66,7 @@ def targets(prompt: str, tok: Tokenizer, roles: torch.Tensor) -> dict[str, list[
 def encode_all(prompts: list[str], tok: Tokenizer, enc: TextEncoder) -> dict[str, torch.Tensor]:
     ids, slots = tok.batch(prompts)
     roles = enc.roles(ids)
-    rows = [targets(p, tok, roles[k]) for k, p in enumerate(prompts)]
+    rows = [targets(p, i, r) for p, i, r in zip(prompts, ids.tolist(), roles.tolist())]
     d = {"ids": ids, "slots": slots}
     for key in TARGETS:
         d[key] = torch.tensor([r[key] for r in rows])
@@ -94,14 +93,12 @@ def losses(out: dict, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def accuracy(enc, heads, batch, mask_fn=None) -> dict[str, float]:
+def accuracy(enc, heads, batch) -> dict[str, float]:
     h, _, _ = enc(batch["ids"], batch["slots"])
     out = heads(h)
     acc = {}
     for k in TARGETS:
         m = batch[k] != IGNORE
-        if mask_fn is not None:
-            m &= mask_fn(batch)
         if m.any():
             acc[k] = round(float((out[k].argmax(-1)[m] == batch[k][m]).float().mean()), 4)
     return acc
@@ -141,7 +138,7 @@ def main() -> None:
     for name, pool in (("train", train), ("test", test)):
         b = encode_all(pool, tok, enc)
         res[name] = accuracy(enc, heads, b)
-    # the held-out colour-shape pairs: colour read at the tokens of the object that holds one
+    # the held-out color_attr prompts alone: each holds one colour-shape pair no training prompt holds
     tb = encode_all([p for p in test if parse(p).category == "color_attr"], tok, enc)
     res["test_color_attr"] = accuracy(enc, heads, tb)
     print(json.dumps(res, indent=1))
