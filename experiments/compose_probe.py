@@ -96,11 +96,17 @@ def failure(prompt, image) -> str:
     return "colours wrong"
 
 
+def split_prompts(category: str, split: str, n: int) -> list[str]:
+    """n prompts of a compose category's training or held-out prompts, cycling through them."""
+    pool = test_prompts_of(category) if split == "test" else train_prompts(category)
+    return [pool[i % len(pool)] for i in range(n)]
+
+
 def failure_probe(backend, n: int) -> dict:
     out = {}
     for cat in CATEGORIES:
-        for split, pool in (("test", test_prompts_of(cat)), ("train", train_prompts(cat))):
-            prompts = [make_prompt(pool[i % len(pool)]) for i in range(n)]
+        for split in ("test", "train"):
+            prompts = [make_prompt(p) for p in split_prompts(cat, split, n)]
             images = sample_images(backend, [p.text for p in prompts], seed=3, progress=False)
             counts = collections.Counter(failure(p, im) for p, im in zip(prompts, images))
             out[f"{cat}/{split}"] = {"accuracy": counts["ok"] / n, **dict(counts.most_common())}

@@ -16,9 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
+from compose_probe import split_prompts
 from flowopd.backends import load_checkpoint
 from flowopd.sampling import sample_images
-from flowopd.world.prompts import CATEGORIES, test_prompts_of, train_prompts
+from flowopd.world.prompts import CATEGORIES
 from flowopd.world.scoring import compose_reward, standard_error
 
 
@@ -40,8 +41,8 @@ def main() -> None:
     rec: dict = {"checkpoint": a.checkpoint, "per_split": a.per_split, "steps": a.steps, "seed": a.seed}
     for cat in cats:
         row = {}
-        for split, pool in (("train", train_prompts(cat)), ("test", test_prompts_of(cat))):
-            prompts = [pool[i % len(pool)] for i in range(a.per_split)]
+        for split in ("train", "test"):
+            prompts = split_prompts(cat, split, a.per_split)
             images = sample_images(backend, prompts, steps=a.steps, seed=a.seed, progress=False)
             r = compose_reward(images, prompts)
             row[split] = round(float(r.mean()), 4)
