@@ -142,3 +142,40 @@ def test_role_embedding_tells_the_two_objects_apart_and_round_trips(tmp_path):
     assert back.cfg.roles and torch.equal(back.text.role.weight, model.text.role.weight)
     # a model without roles has no such parameters (format 1 checkpoints keep loading as they were)
     assert not any("role" in k for k in TinyUNet(TinyConfig(channels=(8, 8, 8))).state_dict())
+
+
+def test_without_pooled_text_the_prompt_reaches_the_image_only_through_cross_attention(tmp_path):
+    from flowopd.backends.tiny import TinyBackend, save_checkpoint
+    from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    ids, slots = tok.batch(["a red square left of a blue circle", "three green triangles"])
+    x, sigma = torch.randn(2, 3, 32, 32), torch.full((2,), 0.7)
+
+    def velocity(m, ids):
+        with torch.no_grad():
+            return m(x, sigma, m.encode(ids, slots))
+
+    for pooled in (True, False):
+        m = TinyUNet(TinyConfig(channels=(8, 8, 8), text_dim=16, heads=2, groups=4, cond_dim=16,
+                                pooled_text=pooled, xattn_full=True)).eval()
+        for p in m.parameters():  # leave no zero-initialised path that would hide a dependence
+            torch.nn.init.normal_(p, std=0.2)
+        assert hasattr(m, "xattn1") and hasattr(m, "xattn_up1") and hasattr(m, "pool_proj") == pooled
+        swapped = velocity(m, ids.flip(0))
+        assert not torch.allclose(velocity(m, ids), swapped)
+        names = [n for n, _ in m.named_children() if n.startswith("xattn")]
+        assert len(names) == 6  # 32x32 (down, up), 16x16 (down, up), 8x8 (down, up)
+        for n in names:
+            torch.nn.init.zeros_(getattr(m, n).to_out.weight)
+            torch.nn.init.zeros_(getattr(m, n).to_out.bias)
+        # with every cross-attention silenced the prompt still acts through the pooled FiLM, and only there
+        assert torch.allclose(velocity(m, ids), velocity(m, ids.flip(0))) != pooled
+    save_checkpoint(TinyBackend(m, "cpu"), tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck").model
+    assert back.cfg.xattn_full and not back.cfg.pooled_text
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m.state_dict().values()))
+    # a config written before these options existed loads with them at their old behaviour
+    assert TinyConfig.from_dict({"channels": [8, 8, 8]}).pooled_text is True
+    assert TinyConfig.from_dict({"channels": [8, 8, 8]}).xattn_full is False

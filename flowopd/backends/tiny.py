@@ -27,8 +27,9 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film"]
 BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package writes
 # config.json["format"] of tiny checkpoints: bumped when a change to the model or the files would make
 # this version misread a checkpoint. Checkpoints from before the key existed are format 1 (same layout).
-# Format 2 added the model key `roles` (absent in format 1: no role embedding).
-FORMAT = 2
+# Format 2 added the model key `roles` (absent in format 1: no role embedding); format 3 the keys
+# `pooled_text` and `xattn_full` (absent before: pooled FiLM on, no 32x32 cross-attention).
+FORMAT = 3
 
 
 def shipped_base_dir() -> Path:

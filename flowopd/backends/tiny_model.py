@@ -12,6 +12,8 @@ token), and the characters of quoted text, each tagged with its slot relative
 to the string's centre, the layout the world uses to centre signs. With
 `roles` (configs/toy_pretrain_order.yaml) each word also gets a role embedding: first object,
 connective, second object; see TextEncoder.roles.
+`pooled_text=False` drops the pooled prompt from the FiLM (the prompt then acts
+through cross-attention only) and `xattn_full` adds cross-attention at 32x32.
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ class TinyConfig:
     groups: int = 8
     cond_dim: int = 128
     roles: bool = False  # add a learned role embedding to each word token (see TextEncoder.roles)
+    # FiLM on the pooled prompt (a bag of its tokens) with the noise level; off: only the noise level,
+    # so that what the prompt says reaches the image through cross-attention alone, place by place
+    pooled_text: bool = True
+    # cross-attention to the prompt at 32x32 too (after down1 and up1), not only at 16x16 and 8x8
+    xattn_full: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -202,9 +209,13 @@ class TinyUNet(nn.Module):
         g, cd, td = cfg.groups, cfg.cond_dim, cfg.text_dim
         self.text = TextEncoder(cfg)
         self.sigma_mlp = nn.Sequential(nn.Linear(cd, cd), nn.SiLU(), nn.Linear(cd, cd))
-        self.pool_proj = nn.Linear(td, cd)
+        if cfg.pooled_text:
+            self.pool_proj = nn.Linear(td, cd)
         self.conv_in = nn.Conv2d(5, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, cd, g)
+        if cfg.xattn_full:
+            self.xattn1 = Attention(c1, td, cfg.heads, g)
+            self.xattn_up1 = Attention(c1, td, cfg.heads, g)
         self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.down2 = ResBlock(c2, c2, cd, g)
         self.xattn2 = Attention(c2, td, cfg.heads, g)
@@ -233,10 +244,14 @@ class TinyUNet(nn.Module):
     def forward(self, x, sigma, cond):
         """cond = (tokens (B,T,d), pad (B,T), pooled (B,d)) from encode()."""
         tokens, pad, pooled = cond
-        c = self.sigma_mlp(sigma_embedding(sigma, self.cfg.cond_dim)) + self.pool_proj(pooled)
+        c = self.sigma_mlp(sigma_embedding(sigma, self.cfg.cond_dim))
+        if self.cfg.pooled_text:
+            c = c + self.pool_proj(pooled)
         c = F.silu(c)
         h = self.conv_in(torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1))
         s1 = self.down1(h, c)
+        if self.cfg.xattn_full:
+            s1 = self.xattn1(s1, tokens, pad)
         h = self.pool1(s1)
         s2 = self.xattn2(self.down2(h, c), tokens, pad)
         h = self.pool2(s2)
@@ -247,4 +262,6 @@ class TinyUNet(nn.Module):
         h = self.xattn_up2(self.up2(torch.cat([h, s2], 1), c), tokens, pad)
         h = self.unpool1(h)
         h = self.up1(torch.cat([h, s1], 1), c)
+        if self.cfg.xattn_full:
+            h = self.xattn_up1(h, tokens, pad)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -67,6 +67,8 @@ class PretrainConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 96])
     roles: bool = False  # the model's role embedding on prompt tokens (TinyConfig.roles)
     text_layers: int = 2  # transformer layers over the prompt tokens (0: each token's own embedding)
+    pooled_text: bool = True  # FiLM on the pooled prompt (TinyConfig.pooled_text)
+    xattn_full: bool = False  # cross-attention to the prompt at 32x32 too (TinyConfig.xattn_full)
     # a prompt encoder pretrained on the grammar's language (experiments/parse_encoder.py): its weights
     # (a .safetensors of TextEncoder) replace the random ones when training starts from scratch
     text_init: str = ""
@@ -251,7 +253,8 @@ def _model(cfg: PretrainConfig, device) -> TinyUNet:
     if cfg.init:
         model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
     else:
-        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers)).to(device)
+        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
+                                      pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full)).to(device)
         if cfg.text_init:
             path = Path(cfg.text_init)
             if not path.is_file():
