@@ -3,7 +3,8 @@
 A teacher trains on training prompts only; what it learns reaches the held-out ones only where the
 base fails both for the same reason. This measures the gap of a checkpoint (and, run on a teacher,
 whether the teacher moved its training prompts at all) with the evaluation's sampler settings:
-N prompts of each split (cycling through the split's prompts), one noise each, 20 steps.
+N prompts of each split (cycling through the split's prompts), one noise each, 20 steps, the
+checkpoint's CFG unless --cfg (the record then carries it).
 
     python experiments/split_gap.py --checkpoint experiments/checkpoints/parse_window
     python experiments/split_gap.py --checkpoint runs/NAME/final --categories position,color_attr --out FILE.jsonl
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--per-split", type=int, default=64, help="prompts per category and split")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's)")
     ap.add_argument("--out", default="", help="append the record to this JSON-lines file")
     a = ap.parse_args()
     cats = [c for c in a.categories.split(",") if c]
@@ -39,11 +41,13 @@ def main() -> None:
 
     backend = load_checkpoint(a.checkpoint, device="cpu")
     rec: dict = {"checkpoint": a.checkpoint, "per_split": a.per_split, "steps": a.steps, "seed": a.seed}
+    if a.cfg is not None:
+        rec["cfg"] = a.cfg
     for cat in cats:
         row = {}
         for split in ("train", "test"):
             prompts = split_prompts(cat, split, a.per_split)
-            images = sample_images(backend, prompts, steps=a.steps, seed=a.seed, progress=False)
+            images = sample_images(backend, prompts, steps=a.steps, seed=a.seed, cfg=a.cfg, progress=False)
             r = compose_reward(images, prompts)
             row[split] = round(float(r.mean()), 4)
             row[f"{split}_se"] = round(standard_error(r), 4)
