@@ -150,6 +150,7 @@ def test_caption_noise_flips_relations_and_swaps_colours_only_and_keeps_the_rend
                 category_weights={"position": 1, "color_attr": 1, "colors": 1})
     plain = Batches(PretrainConfig(**base), "cpu")
     noisy = Batches(PretrainConfig(relation_noise=0.3, binding_noise=0.4, **base), "cpu")
+    noisy.heldout_rows = set()  # the noise alone (the filter of test-split captions: the test below)
     x0, ids0, s0 = plain.draw(torch.Generator().manual_seed(0))
     x, ids, s = noisy.draw(torch.Generator().manual_seed(0))
     assert torch.equal(x, x0) and torch.equal(s, s0)  # the same renders and slots: only words change
@@ -171,6 +172,28 @@ def test_caption_noise_flips_relations_and_swaps_colours_only_and_keeps_the_rend
         d = (ids[i] != ids0[i]).nonzero().flatten().tolist()
         assert len(d) == 2 and ids[i, d[0]] == ids0[i, d[1]] and ids[i, d[1]] == ids0[i, d[0]]
     assert 0.3 < swapped.sum() / distinct.sum() < 0.5
+
+
+def test_caption_noise_never_writes_a_test_split_caption():
+    from flowopd.backends.tiny_model import Tokenizer
+    from flowopd.trainers.pretrain import Batches, PretrainConfig
+    from flowopd.world.prompts import is_heldout, test_captions, test_split
+
+    captions = test_captions()
+    assert all(is_heldout(p) for p in captions) and {p.text for p in test_split()} <= set(captions)
+    heldout = {tuple(r) for r in Tokenizer().batch(captions)[0].tolist()}
+    base = dict(batch_size=1024, dataset_size=1024, text_fraction=0.3, seed=4, p_uncond=0.0,
+                category_weights={"position": 1, "color_attr": 1})
+    clean = Batches(PretrainConfig(**base), "cpu").draw(torch.Generator().manual_seed(0))[1]
+    noisy = Batches(PretrainConfig(relation_noise=0.5, binding_noise=0.5, glyph_noise=0.5, **base), "cpu")
+    ids = noisy.draw(torch.Generator().manual_seed(0))[1]
+    noisy.heldout_rows = set()  # the same draw unfiltered
+    raw = noisy.draw(torch.Generator().manual_seed(0))[1]
+    assert not any(tuple(r) in heldout for r in clean.tolist())  # the training data itself is clean
+    leak = torch.tensor([tuple(r) in heldout for r in raw.tolist()])
+    assert leak.sum() > 20  # unfiltered, the noise names test combinations (flipped relations, swapped pairs)
+    assert not any(tuple(r) in heldout for r in ids.tolist())
+    assert torch.equal(ids[leak], clean[leak]) and torch.equal(ids[~leak], raw[~leak])  # only those rows revert
 
 
 def test_glyph_noise_changes_sign_characters_only_to_other_characters():

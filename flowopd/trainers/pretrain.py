@@ -41,7 +41,7 @@ from .runlog import RunLogger
 from ..state import check_out_dir
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
-from ..world.prompts import CATEGORIES, COLORS, sample_prompt
+from ..world.prompts import CATEGORIES, COLORS, sample_prompt, test_captions
 from ..world.render import render, to_model_space
 
 
@@ -208,11 +208,18 @@ class Batches:
         for a, b in (("left", "right"), ("above", "below")):
             self.opposite[tok.vocab[a]], self.opposite[tok.vocab[b]] = tok.vocab[b], tok.vocab[a]
         self.color_ids = torch.tensor([tok.vocab[c] for c in COLORS], device=device)
+        # the token rows of every test-split caption: caption noise must not write one (a flipped
+        # "a square right of a triangle" is the held-out "a square left of a triangle"), or the
+        # test split's combinations would be seen in training, and only beside the wrong image
+        self.heldout_rows: set[tuple[int, ...]] = set()
+        if cfg.relation_noise or cfg.binding_noise or cfg.glyph_noise:
+            self.heldout_rows = {tuple(r) for r in tok.batch(test_captions())[0].tolist()}
 
     def draw(self, gen):
         """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL,
         with word_dropout attribute words replaced by UNK, and with relation_noise / binding_noise /
-        glyph_noise relation words flipped / two colour words swapped / sign characters changed."""
+        glyph_noise relation words flipped / two colour words swapped / sign characters changed, except
+        where the noisy caption would be a test-split one."""
         n, dev = self.batch_size, self.device
         idx = torch.randint(0, self.x.shape[0], (n,), device=dev, generator=gen)
         ids, slots = self.ids[idx], self.slots[idx]
@@ -221,6 +228,7 @@ class Batches:
         if self.word_dropout:  # (no draw without it: the data stream of older runs stays the same)
             hit = torch.rand(ids.shape, device=dev, generator=gen) < self.word_dropout
             ids = torch.where(hit & torch.isin(ids, self.attribute_ids), UNK, ids)
+        clean = ids
         if self.relation_noise:  # (each key draws only when it is on, for the same reason)
             flip = torch.rand(n, device=dev, generator=gen) < self.relation_noise
             ids = torch.where(flip[:, None], self.opposite[ids], ids)
@@ -235,6 +243,10 @@ class Batches:
             hit = (ids >= first) & (torch.rand(ids.shape, device=dev, generator=gen) < self.glyph_noise)
             other = first + (ids - first + torch.randint(1, n_chars, ids.shape, device=dev, generator=gen)) % n_chars
             ids = torch.where(hit, other, ids)
+        if self.heldout_rows:  # a noisy caption that names a test combination keeps its true words
+            for i in (ids != clean).any(1).nonzero().flatten().tolist():
+                if tuple(ids[i].tolist()) in self.heldout_rows:
+                    ids[i] = clean[i]
         slots = torch.where(drop[:, None], self.null_slots.expand_as(slots), slots)
         return self.x[idx], ids, slots
 

@@ -226,6 +226,12 @@ def text_is_heldout(t: str) -> bool:
     return t in _test_texts()
 
 
+def test_captions() -> list[str]:
+    """Every caption of the test split: each compose category's held-out prompts and a sign for each
+    test string (quality prompts are compose prompts)."""
+    return [p for c in CATEGORIES for p in test_prompts_of(c)] + [sign_prompt(t) for t in sorted(_test_texts())]
+
+
 def train_prompts(category: str) -> list[str]:
     return [p for p in enumerate_category(category) if not is_heldout(p)]
 
