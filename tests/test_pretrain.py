@@ -1,3 +1,5 @@
+import collections
+
 import torch
 
 from flowopd.trainers.pretrain import debiased_ema
@@ -185,7 +187,8 @@ def test_caption_noise_never_writes_a_test_split_caption():
     base = dict(batch_size=1024, dataset_size=1024, text_fraction=0.3, seed=4, p_uncond=0.0,
                 category_weights={"position": 1, "color_attr": 1})
     clean = Batches(PretrainConfig(**base), "cpu").draw(torch.Generator().manual_seed(0))[1]
-    noisy = Batches(PretrainConfig(relation_noise=0.5, binding_noise=0.5, glyph_noise=0.5, **base), "cpu")
+    noisy = Batches(PretrainConfig(relation_noise=0.5, binding_noise=0.5, glyph_noise=0.5, attribute_noise=0.3,
+                                   **base), "cpu")
     ids = noisy.draw(torch.Generator().manual_seed(0))[1]
     noisy.heldout_rows = set()  # the same draw unfiltered
     raw = noisy.draw(torch.Generator().manual_seed(0))[1]
@@ -194,6 +197,29 @@ def test_caption_noise_never_writes_a_test_split_caption():
     assert leak.sum() > 20  # unfiltered, the noise names test combinations (flipped relations, swapped pairs)
     assert not any(tuple(r) in heldout for r in ids.tolist())
     assert torch.equal(ids[leak], clean[leak]) and torch.equal(ids[~leak], raw[~leak])  # only those rows revert
+
+
+def test_attribute_noise_changes_counts_shapes_and_colours_only_to_another_of_their_kind():
+    from flowopd.backends.tiny_model import Tokenizer
+    from flowopd.trainers.pretrain import Batches, PretrainConfig
+    from flowopd.world.prompts import COLORS, COUNT_WORDS, SHAPES
+
+    v = Tokenizer.vocab
+    kinds = [list(COUNT_WORDS), list(SHAPES), [s + "s" for s in SHAPES], list(COLORS)]
+    kind = {v[w]: k for k, ws in enumerate(kinds) for w in ws}
+    base = dict(batch_size=1024, dataset_size=1024, text_fraction=0.2, seed=5, p_uncond=0.0)
+    x0, ids0, s0 = Batches(PretrainConfig(**base), "cpu").draw(torch.Generator().manual_seed(0))
+    noisy = Batches(PretrainConfig(attribute_noise=0.25, **base), "cpu")
+    noisy.heldout_rows = set()  # the noise alone
+    x, ids, s = noisy.draw(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0) and torch.equal(s, s0)
+    changed = ids != ids0
+    before, after = ids0[changed].tolist(), ids[changed].tolist()
+    assert all(a in kind and b in kind and kind[a] == kind[b] and a != b for a, b in zip(before, after))
+    n_attr = sum(t in kind for t in ids0.flatten().tolist())
+    assert 0.21 < len(before) / n_attr < 0.29
+    colours_now = collections.Counter(b for a, b in zip(before, after) if kind[a] == 3)
+    assert len(colours_now) == len(COLORS)  # every colour is reached
 
 
 def test_glyph_noise_changes_sign_characters_only_to_other_characters():
@@ -217,7 +243,7 @@ def test_caption_noise_is_refused_past_one_half():
 
     import pytest
 
-    for key in ("relation_noise", "binding_noise", "glyph_noise"):
+    for key in ("relation_noise", "binding_noise", "glyph_noise", "attribute_noise"):
         with pytest.raises(ConfigError, match=key):
             PretrainConfig(**{key: 0.6}).validate()
 

@@ -41,7 +41,7 @@ from .runlog import RunLogger
 from ..state import check_out_dir
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
-from ..world.prompts import CATEGORIES, COLORS, sample_prompt, test_captions
+from ..world.prompts import CATEGORIES, COLORS, COUNT_WORDS, SHAPES, sample_prompt, test_captions
 from ..world.render import render, to_model_space
 
 
@@ -79,11 +79,13 @@ class PretrainConfig:
     # caption noise (the render still shows the true prompt): a position prompt's relation word becomes
     # its opposite (left/right, above/below) with probability relation_noise, and the two colour words
     # of a two-object prompt trade places with probability binding_noise, and each character of a sign
-    # becomes another one with probability glyph_noise, as in loosely captioned images: a model fit to
+    # becomes another one with probability glyph_noise, and each count, shape or colour word becomes
+    # another word of its kind with probability attribute_noise, as in loosely captioned images: a model fit to
     # such data follows those words only as often as its captions do (what it gave: docs/experiments.md)
     relation_noise: float = 0.0
     binding_noise: float = 0.0
     glyph_noise: float = 0.0
+    attribute_noise: float = 0.0
     save_at: list[int] = field(default_factory=list)
     max_minutes: float = 0.0  # 0: no limit; else stop (and save) after this long
     log_every: int = 100
@@ -110,7 +112,7 @@ class PretrainConfig:
                 "text_init replaces the prompt encoder of a model trained from scratch; a run from init keeps the "
                 "checkpoint's own encoder: give one of the two")
         require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
-        for key in ("relation_noise", "binding_noise", "glyph_noise"):
+        for key in ("relation_noise", "binding_noise", "glyph_noise", "attribute_noise"):
             require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         unknown = set(self.category_weights) - set(CATEGORIES)
@@ -204,6 +206,18 @@ class Batches:
         self.word_dropout = cfg.word_dropout
         self.attribute_ids = torch.tensor([tok.vocab[w] for w in ATTRIBUTE_WORDS], device=device)
         self.relation_noise, self.binding_noise, self.glyph_noise = cfg.relation_noise, cfg.binding_noise, cfg.glyph_noise
+        self.attribute_noise = cfg.attribute_noise
+        # attribute_noise: token id -> its kind (-1: none; counts, shapes, plural shapes, colours), its
+        # index in the kind, and the kinds' members (padded with PAD) and sizes
+        kinds = [tuple(COUNT_WORDS), SHAPES, tuple(s + "s" for s in SHAPES), COLORS]
+        self.kind_of = torch.full((tok.size,), -1, dtype=torch.long, device=device)
+        self.index_in_kind = torch.zeros(tok.size, dtype=torch.long, device=device)
+        self.kind_members = torch.zeros(len(kinds), max(map(len, kinds)), dtype=torch.long, device=device)
+        for k, words in enumerate(kinds):
+            for j, w in enumerate(words):
+                self.kind_of[tok.vocab[w]], self.index_in_kind[tok.vocab[w]] = k, j
+                self.kind_members[k, j] = tok.vocab[w]
+        self.kind_sizes = torch.tensor([len(w) for w in kinds], device=device)
         self.opposite = torch.arange(tok.size, device=device)  # token id -> the id of its opposite relation
         for a, b in (("left", "right"), ("above", "below")):
             self.opposite[tok.vocab[a]], self.opposite[tok.vocab[b]] = tok.vocab[b], tok.vocab[a]
@@ -212,13 +226,14 @@ class Batches:
         # "a square right of a triangle" is the held-out "a square left of a triangle"), or the
         # test split's combinations would be seen in training, and only beside the wrong image
         self.heldout_rows: set[tuple[int, ...]] = set()
-        if cfg.relation_noise or cfg.binding_noise or cfg.glyph_noise:
+        if cfg.relation_noise or cfg.binding_noise or cfg.glyph_noise or cfg.attribute_noise:
             self.heldout_rows = {tuple(r) for r in tok.batch(test_captions())[0].tolist()}
 
     def draw(self, gen):
         """-> (x0, ids, slots) of batch_size random renders, a p_uncond share of prompts replaced by NULL,
         with word_dropout attribute words replaced by UNK, and with relation_noise / binding_noise /
-        glyph_noise relation words flipped / two colour words swapped / sign characters changed, except
+        glyph_noise / attribute_noise relation words flipped / two colour words swapped / sign characters
+        changed / count, shape and colour words changed to another of their kind, except
         where the noisy caption would be a test-split one."""
         n, dev = self.batch_size, self.device
         idx = torch.randint(0, self.x.shape[0], (n,), device=dev, generator=gen)
@@ -242,6 +257,14 @@ class Batches:
             n_chars, first = len(CHARS), Tokenizer.char_base
             hit = (ids >= first) & (torch.rand(ids.shape, device=dev, generator=gen) < self.glyph_noise)
             other = first + (ids - first + torch.randint(1, n_chars, ids.shape, device=dev, generator=gen)) % n_chars
+            ids = torch.where(hit, other, ids)
+        if self.attribute_noise:
+            kind = self.kind_of[ids]
+            hit = (kind >= 0) & (torch.rand(ids.shape, device=dev, generator=gen) < self.attribute_noise)
+            k = kind.clamp(min=0)
+            size = self.kind_sizes[k]
+            step = 1 + torch.randint(0, 1 << 30, ids.shape, device=dev, generator=gen) % (size - 1)  # never itself
+            other = self.kind_members[k, (self.index_in_kind[ids] + step) % size]
             ids = torch.where(hit, other, ids)
         if self.heldout_rows:  # a noisy caption that names a test combination keeps its true words
             for i in (ids != clean).any(1).nonzero().flatten().tolist():
