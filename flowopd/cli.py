@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "report.md, report.html and checkpoints/<model>/.")
     sp.add_argument("--preset", default="full", help="quick (smoke run, minutes) or full (the real result; default)")
     sp.add_argument("--out", default="runs/pipeline", help="output directory (default runs/pipeline)")
-    sp.add_argument("--config", default=None, help="YAML with extra per-stage overrides (see flowopd.pipeline.RunConfig)")
+    sp.add_argument("--config", default=None, help="YAML with extra per-stage overrides and the base to start from (see flowopd.pipeline.RunConfig)")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
     return p

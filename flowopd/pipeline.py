@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from .backends import load_checkpoint
-from .backends.tiny import shipped_base_dir
+from .backends.tiny import resolve_checkpoint
 from .config import PACKAGED_CONFIGS, ConfigError, load, require
 from .errors import UserError
 from .evaluate import evaluate
@@ -54,6 +54,7 @@ PRESETS: dict[str, dict] = {
 class RunConfig:
     """Optional --config for `flowopd run`: extra overrides on top of the preset."""
 
+    base: str = ""  # the checkpoint every stage starts from ("": the shipped base)
     grpo: list[str] = field(default_factory=list)
     teachers: dict = field(default_factory=dict)  # task -> overrides of its teacher's GRPO run only
     grpo_mix: list[str] = field(default_factory=list)
@@ -64,6 +65,8 @@ class RunConfig:
     grid_seed: int = 0
 
     def validate(self):
+        if self.base:
+            resolve_checkpoint(self.base)  # a clear error now, not after the first stages
         for t, over in self.teachers.items():
             require(t in TASK_NAMES, f"teachers: unknown task {t!r}; tasks are {', '.join(TASK_NAMES)}")
             require(isinstance(over, list), f"teachers.{t} must be a list of key=value overrides")
@@ -155,7 +158,7 @@ class Pipeline:
         return st
 
     def s_base(self):
-        self.publish("base", shipped_base_dir())
+        self.publish("base", resolve_checkpoint(self.rc.base or "base"))
 
     def s_grpo(self, model: str, config: str, extra: list[str]):
         w = self.work(model)

@@ -39,3 +39,27 @@ def test_quick_preset_end_to_end(tmp_path):
     assert r2.returncode == 0
     assert r2.stderr.count("done earlier, skipped") == 18
     assert json.loads((out / "results.json").read_text())["models"] == res["models"]
+
+
+def test_run_starts_every_stage_from_the_base_it_is_given(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flowopd.backends.tiny import shipped_base_dir
+    from flowopd.errors import CheckpointError
+    from flowopd.pipeline import Pipeline, RunConfig
+
+    mine = tmp_path / "mine"
+    shutil.copytree(shipped_base_dir(), mine)
+    w = load_file(str(mine / "model.safetensors"))
+    k = sorted(w)[0]
+    w[k] = w[k] + 1.0
+    save_file(w, str(mine / "model.safetensors"))
+    for rc, want in ((RunConfig(base=str(mine)), mine), (RunConfig(), shipped_base_dir())):
+        p = Pipeline(tmp_path / f"run{want == mine}", "quick", rc)
+        p.s_base()
+        got = (p.ckpt("base") / "model.safetensors").read_bytes()
+        assert got == (want / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="not found"):
+        RunConfig(base=str(tmp_path / "nowhere")).validate()
