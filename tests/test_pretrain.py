@@ -239,11 +239,12 @@ def test_glyph_noise_changes_sign_characters_only_to_other_characters():
 
 def test_caption_noise_is_refused_past_one_half():
     from flowopd.config import ConfigError
-    from flowopd.trainers.pretrain import PretrainConfig
+    from flowopd.trainers.pretrain import CAPTION_NOISE_KEYS, PretrainConfig
 
     import pytest
 
-    for key in ("relation_noise", "binding_noise", "glyph_noise", "attribute_noise"):
+    assert set(CAPTION_NOISE_KEYS) == {"relation_noise", "binding_noise", "glyph_noise", "attribute_noise"}
+    for key in CAPTION_NOISE_KEYS:
         with pytest.raises(ConfigError, match=key):
             PretrainConfig(**{key: 0.6}).validate()
 

@@ -45,6 +45,9 @@ from ..world.prompts import CATEGORIES, COLORS, COUNT_WORDS, SHAPES, sample_prom
 from ..world.render import render, to_model_space
 
 
+CAPTION_NOISE_KEYS = ("relation_noise", "binding_noise", "glyph_noise", "attribute_noise")
+
+
 @dataclass
 class PretrainConfig:
     steps: int = 20000
@@ -112,7 +115,7 @@ class PretrainConfig:
                 "text_init replaces the prompt encoder of a model trained from scratch; a run from init keeps the "
                 "checkpoint's own encoder: give one of the two")
         require(0 <= self.word_dropout < 1, "word_dropout must be in [0, 1)")
-        for key in ("relation_noise", "binding_noise", "glyph_noise", "attribute_noise"):
+        for key in CAPTION_NOISE_KEYS:
             require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         unknown = set(self.category_weights) - set(CATEGORIES)
@@ -226,7 +229,7 @@ class Batches:
         # "a square right of a triangle" is the held-out "a square left of a triangle"), or the
         # test split's combinations would be seen in training, and only beside the wrong image
         self.heldout_rows: set[tuple[int, ...]] = set()
-        if cfg.relation_noise or cfg.binding_noise or cfg.glyph_noise or cfg.attribute_noise:
+        if any(getattr(cfg, key) for key in CAPTION_NOISE_KEYS):
             self.heldout_rows = {tuple(r) for r in tok.batch(test_captions())[0].tolist()}
 
     def draw(self, gen):
