@@ -38,7 +38,7 @@ def test_category_weights_choose_the_pretraining_mix():
     assert build_dataset(20, 3, 0.1, 1)[0] == build_dataset(20, 3, 0.1, 1, {})[0]
 
 
-def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
+def test_continued_pretraining_starts_from_the_checkpoint(tmp_path, capsys):
     import pytest
 
     from flowopd.backends import load_checkpoint
@@ -52,6 +52,11 @@ def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
                       tmp_path / "b")
     got = load_checkpoint(second)
     assert got.model.cfg.channels == (8, 8, 8)  # the checkpoint's model, not the config's channels
+    out = capsys.readouterr()
+    assert "channels=[8, 8, 8]" in out.out + out.err and "do not apply" in out.out + out.err  # and it says so
+    pretrain(PretrainConfig(steps=1, init=str(first), lr=1e-9, **tiny), tmp_path / "c")
+    out = capsys.readouterr()
+    assert "do not apply" not in out.out + out.err  # the same model keys: nothing to say
     # one update at lr 1e-9 from the checkpoint's weights: still those weights, up to float32 rounding of
     # the EMA, which debiasing after one update multiplies by 1 / (1 - 0.999) = 1000
     assert all(torch.allclose(v, w0[k], atol=1e-3) for k, v in got.model.state_dict().items())

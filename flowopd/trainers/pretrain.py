@@ -59,7 +59,8 @@ class PretrainConfig:
     p_uncond: float = 0.1
     text_fraction: float = 0.4  # share of sign prompts; the rest are compose-style
     category_weights: dict = field(default_factory=dict)  # compose category -> weight of its prompts (default: equal)
-    init: str = ""  # "": random weights; else a checkpoint to continue from ("base", a directory)
+    # "": random weights; else a checkpoint to continue from ("base", a directory), with its own model keys
+    init: str = ""
     dataset_size: int = 200000
     render_workers: int = 1
     sigma_mean: float = 0.0
@@ -285,11 +286,20 @@ def _device(name: str) -> torch.device:
     return device
 
 
+MODEL_KEYS = ("channels", "roles", "text_layers", "pooled_text", "xattn_full")  # config keys of the model's shape
+
+
 def _model(cfg: PretrainConfig, device) -> TinyUNet:
     """Random weights (seeded by the caller; the prompt encoder's from `text_init` if given), or the
     `init` checkpoint's to continue from; the prompt encoder trains unless `freeze_text`."""
     if cfg.init:
         model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
+        # the model's shape comes from the checkpoint; say so where the config's model keys differ
+        mine = model.cfg.to_dict()
+        differ = [f"{k}={mine[k]}" for k in MODEL_KEYS if mine.get(k) != getattr(cfg, k)]
+        if differ:
+            tqdm.write(f"note: {cfg.init} has {', '.join(differ)}; continuing from it keeps its model, "
+                       "so these config keys do not apply")
     else:
         model = TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
                                       pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full)).to(device)
