@@ -286,7 +286,10 @@ def _device(name: str) -> torch.device:
     return device
 
 
-MODEL_KEYS = ("channels", "roles", "text_layers", "pooled_text", "xattn_full")  # config keys of the model's shape
+def _model_config(cfg: PretrainConfig) -> TinyConfig:
+    """The model the config's keys describe (what a run from random weights builds)."""
+    return TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
+                      pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full)
 
 
 def _model(cfg: PretrainConfig, device) -> TinyUNet:
@@ -294,15 +297,14 @@ def _model(cfg: PretrainConfig, device) -> TinyUNet:
     `init` checkpoint's to continue from; the prompt encoder trains unless `freeze_text`."""
     if cfg.init:
         model = load_checkpoint(cfg.init).model.train().requires_grad_(True).to(device)
-        # the model's shape comes from the checkpoint; say so where the config's model keys differ
-        mine = model.cfg.to_dict()
-        differ = [f"{k}={mine[k]}" for k in MODEL_KEYS if mine.get(k) != getattr(cfg, k)]
+        # the model's shape comes from the checkpoint; say so where the config describes another
+        theirs, mine = model.cfg.to_dict(), _model_config(cfg).to_dict()
+        differ = [f"{k}={v}" for k, v in theirs.items() if mine.get(k) != v]
         if differ:
             tqdm.write(f"note: {cfg.init} has {', '.join(differ)}; continuing from it keeps its model, "
                        "so these config keys do not apply")
     else:
-        model = TinyUNet(TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
-                                      pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full)).to(device)
+        model = TinyUNet(_model_config(cfg)).to(device)
         if cfg.text_init:
             path = Path(cfg.text_init)
             if not path.is_file():
