@@ -9,8 +9,8 @@ and the length both matter when a text teacher does not learn.
     python experiments/text_by_length.py --checkpoint runs/NAME/final --out experiments/results/text_by_length.jsonl
 
 For each length 1-4: --per-length training strings (random, never a test string) and as many test
-strings (the 400 held-out strings of that length, cycled), one ODE sample each (--steps, the
-checkpoint's CFG), scored by the OCR score. About 30 seconds on a 2-core CPU at the defaults.
+strings (the 400 held-out strings of that length, cycled), one ODE sample each (--steps; --cfg, default
+the checkpoint's), scored by the OCR score. About 30 seconds on a 2-core CPU at the defaults.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--per-length", type=int, default=32, help="strings per length and split")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--seed", type=int, default=1, help="noise seed")
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's)")
     ap.add_argument("--out", default="", help="append the record to this JSON-lines file")
     a = ap.parse_args()
     if a.per_length < 1 or a.steps < 1:
@@ -53,10 +54,13 @@ def main() -> None:
     backend = load_checkpoint(a.checkpoint, device="cpu")
     rng = random.Random(5)
     rec: dict = {"checkpoint": a.checkpoint, "per_length": a.per_length, "steps": a.steps, "seed": a.seed}
+    if a.cfg is not None:
+        rec["cfg"] = a.cfg
     for n in range(1, MAX_TEXT_LEN + 1):
         row = {}
         for split, ts in zip(("train", "test"), strings(n, a.per_length, rng)):
-            images = sample_images(backend, [sign_prompt(t) for t in ts], steps=a.steps, seed=a.seed, progress=False)
+            images = sample_images(backend, [sign_prompt(t) for t in ts], steps=a.steps, cfg=a.cfg, seed=a.seed,
+                                   progress=False)
             row[split] = round(float(np.mean([text_score(t, im) for t, im in zip(ts, images)])), 3)
         rec[str(n)] = row
         print(f"length {n}: train {row['train']:.3f}   test {row['test']:.3f}", flush=True)
