@@ -38,6 +38,29 @@ def test_category_weights_choose_the_pretraining_mix():
     assert build_dataset(20, 3, 0.1, 1)[0] == build_dataset(20, 3, 0.1, 1, {})[0]
 
 
+def test_text_length_weights_choose_the_sign_lengths():
+    import pytest
+
+    from flowopd.config import ConfigError, build
+    from flowopd.trainers.pretrain import PretrainConfig, _identity, build_dataset
+    from flowopd.world.prompts import parse, text_is_heldout
+
+    prompts, _ = build_dataset(80, 1, 1.0, 1, {}, [1, 0, 0, 0])
+    signs = [parse(p).text for p in prompts]
+    assert len(signs) == 80 and {len(t) for t in signs} == {1}
+    assert not any(text_is_heldout(t) for t in signs)  # only training strings, as without weights
+    prompts, _ = build_dataset(80, 1, 1.0, 1, {}, [0, 0, 1, 3])
+    lengths = [len(parse(p).text) for p in prompts]
+    assert set(lengths) == {3, 4} and lengths.count(4) > lengths.count(3)
+    # [] is the uniform draw of before, prompt for prompt; and it leaves the run's identity unchanged
+    assert build_dataset(20, 3, 0.5, 1)[0] == build_dataset(20, 3, 0.5, 1, {}, [])[0]
+    assert "text_length_weights" not in _identity(build(PretrainConfig, {}))
+    assert _identity(build(PretrainConfig, {"text_length_weights": [1, 1, 1, 0]}))["text_length_weights"] == [1, 1, 1, 0]
+    for bad in ([1, 1, 1], [0, 0, 0, 0], [1, -1, 1, 1]):
+        with pytest.raises(ConfigError, match="text_length_weights"):
+            build(PretrainConfig, {"text_length_weights": bad})
+
+
 def test_continued_pretraining_starts_from_the_checkpoint(tmp_path, capsys):
     import pytest
 

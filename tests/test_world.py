@@ -325,6 +325,11 @@ def test_single_character_signs_are_trained():
     singles = {t for t in train if len(t) == 1}
     assert singles == set(P.TEXT_CHARS) - held
     assert 0.10 < sum(len(t) == 1 for t in train) / len(train) < 0.25
+    # a chosen length: training strings still avoid the test strings; test strings come from the split
+    assert {P.random_text(rng, length=1) for _ in range(400)} == set(P.TEXT_CHARS) - held
+    assert {P.random_text(rng, "test", length=1) for _ in range(200)} == held
+    with pytest.raises(ValueError, match="length"):
+        P.random_text(rng, length=5)
 
 
 def test_splits_reproducible():

@@ -41,7 +41,8 @@ from .runlog import RunLogger
 from ..state import check_out_dir
 from ..flow import interpolate
 from ..losses import flow_matching_loss, logit_normal_sigmas
-from ..world.prompts import CATEGORIES, COLORS, COUNT_WORDS, SHAPES, sample_prompt, test_captions
+from ..world.prompts import (CATEGORIES, COLORS, COUNT_WORDS, MAX_TEXT_LEN, SHAPES, make_prompt, random_text,
+                             sample_prompt, sign_prompt, test_captions)
 from ..world.render import render, to_model_space
 
 
@@ -58,6 +59,9 @@ class PretrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     text_fraction: float = 0.4  # share of sign prompts; the rest are compose-style
+    # weights of sign lengths 1..4 (default []: uniform, as the grammar draws them); few one-character signs
+    # in pretraining leave that skill weak on every character, for the text teacher to teach
+    text_length_weights: list[float] = field(default_factory=list)
     category_weights: dict = field(default_factory=dict)  # compose category -> weight of its prompts (default: equal)
     # "": random weights; else a checkpoint to continue from ("base", a directory), with its own model keys
     init: str = ""
@@ -108,6 +112,10 @@ class PretrainConfig:
         require(self.lr > 0, "lr must be > 0")
         require(0 <= self.p_uncond < 1, "p_uncond must be in [0, 1)")
         require(0 <= self.text_fraction <= 1, "text_fraction must be in [0, 1]")
+        require(not self.text_length_weights or (len(self.text_length_weights) == MAX_TEXT_LEN and
+                                                 all(w >= 0 for w in self.text_length_weights) and
+                                                 sum(self.text_length_weights) > 0),
+                f"text_length_weights: {MAX_TEXT_LEN} weights >= 0 (lengths 1..{MAX_TEXT_LEN}), not all 0; [] for uniform")
         require(0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
         require(self.dataset_size >= self.batch_size, "dataset_size must be >= batch_size")
         require(self.state_every >= 0, "state_every must be >= 0")
@@ -137,12 +145,16 @@ class PretrainConfig:
 
 
 def _render_chunk(args):
-    seed, n, text_fraction, weights = args
+    seed, n, text_fraction, weights, lengths = args
     rng = random.Random(seed)
     prompts, images = [], []
     for _ in range(n):
         if rng.random() < text_fraction:
-            p = sample_prompt(rng, "text", "train")
+            if lengths:
+                k = rng.choices(range(1, MAX_TEXT_LEN + 1), lengths)[0]
+                p = make_prompt(sign_prompt(random_text(rng, "train", length=k)), "text")
+            else:
+                p = sample_prompt(rng, "text", "train")
         else:
             cat = rng.choices(CATEGORIES, [weights.get(c, 1.0) for c in CATEGORIES])[0] if weights else rng.choice(CATEGORIES)
             p = sample_prompt(rng, "compose", "train", cat)
@@ -151,11 +163,13 @@ def _render_chunk(args):
     return prompts, np.stack(images)
 
 
-def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1, weights: dict | None = None):
+def build_dataset(n: int, seed: int, text_fraction: float, workers: int = 1, weights: dict | None = None,
+                  text_lengths: list | None = None):
     """n (prompt, render) pairs of training prompts -> (prompts, uint8 (n,32,32,3)); compose categories
-    drawn by `weights` (category -> weight, missing ones 1; None or {}: uniform)."""
+    drawn by `weights` (category -> weight, missing ones 1; None or {}: uniform), sign lengths 1..4 by
+    `text_lengths` (None or []: uniform)."""
     chunk = 5000
-    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), text_fraction, weights or {})
+    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), text_fraction, weights or {}, list(text_lengths or []))
             for i in range(math.ceil(n / chunk))]
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
@@ -184,6 +198,9 @@ def _identity(cfg: PretrainConfig) -> dict:
             st.pop(k, None)
     if not d["stages"]:
         del d["stages"]  # one run: the identity runs written before stages existed
+    for st in (d, *d.get("stages", [])):
+        if not st.get("text_length_weights", True):
+            del st["text_length_weights"]  # uniform: the identity of runs written before the key existed
     return d
 
 
@@ -201,7 +218,7 @@ class Batches:
 
     def __init__(self, cfg: PretrainConfig, device):
         prompts, images = build_dataset(cfg.dataset_size, cfg.seed, cfg.text_fraction, cfg.render_workers,
-                                        cfg.category_weights)
+                                        cfg.category_weights, cfg.text_length_weights)
         tok = Tokenizer()
         self.ids, self.slots = (t.to(device) for t in tok.batch(prompts))
         self.null_ids, self.null_slots = (t.to(device) for t in tok.batch([None]))

@@ -240,12 +240,16 @@ def test_prompts_of(category: str) -> list[str]:
     return [p for p in enumerate_category(category) if is_heldout(p)]
 
 
-def random_text(rng: random.Random, split: str = "train") -> str:
-    """A random 1-4 character string; train strings avoid the test strings."""
+def random_text(rng: random.Random, split: str = "train", length: int | None = None) -> str:
+    """A random 1-4 character string (of `length` characters where given); train strings avoid the
+    test strings."""
+    if length is not None and not 1 <= length <= MAX_TEXT_LEN:
+        raise ValueError(f"length must be in 1..{MAX_TEXT_LEN}, got {length}")
     if split == "test":
-        return rng.choice(sorted(_test_texts()))
+        pool = sorted(_test_texts())
+        return rng.choice(pool if length is None else [t for t in pool if len(t) == length])
     while True:
-        n = rng.randint(1, MAX_TEXT_LEN)
+        n = rng.randint(1, MAX_TEXT_LEN) if length is None else length
         t = "".join(rng.choice(TEXT_CHARS) for _ in range(n))
         if t not in _test_texts():
             return t
