@@ -1,7 +1,7 @@
 """How easily a small change of the weights changes which signs a checkpoint draws right.
 
-A text teacher can only lift a base whose sign choices move under small changes of the weights (a
-LoRA update at lr 1e-3 is a change of about 1% of each weight). This perturbs every weight the
+A probe of one guess: that a text teacher lifts a base whose sign choices move under small changes
+of the weights more easily than one whose choices are firm. This perturbs every weight the
 teacher's LoRA adapts (LORA_TARGETS) by Gaussian noise of a given size relative to that weight's
 norm, draws the same signs from the same noise, and reports how often the OCR reading changes, and
 the spread of the text score over the perturbations. One ODE sample per sign (--steps, the

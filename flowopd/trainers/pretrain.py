@@ -150,11 +150,8 @@ def _render_chunk(args):
     prompts, images = [], []
     for _ in range(n):
         if rng.random() < text_fraction:
-            if lengths:
-                k = rng.choices(range(1, MAX_TEXT_LEN + 1), lengths)[0]
-                p = make_prompt(sign_prompt(random_text(rng, "train", length=k)), "text")
-            else:
-                p = sample_prompt(rng, "text", "train")
+            k = rng.choices(range(1, MAX_TEXT_LEN + 1), lengths)[0] if lengths else None  # None: uniform
+            p = make_prompt(sign_prompt(random_text(rng, "train", length=k)), "text")
         else:
             cat = rng.choices(CATEGORIES, [weights.get(c, 1.0) for c in CATEGORIES])[0] if weights else rng.choice(CATEGORIES)
             p = sample_prompt(rng, "compose", "train", cat)
