@@ -16,9 +16,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from flowopd.lora import lora_deltas, lora_from_state_dict
+from flowopd.backends.tiny import read_weights
+from flowopd.lora import lora_delta, lora_from_state_dict
 
 KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "film")
 
@@ -32,10 +31,11 @@ def norms(path: Path) -> dict[str, dict]:
     cfg = json.loads((path / "config.json").read_text())
     out = {}
     for name, a in (cfg.get("adapters") or {}).items():
-        lora = lora_from_state_dict(load_file(str(path / a["file"])))
+        lora = lora_from_state_dict(read_weights(path / a["file"]))
+        scale = float(a["alpha"]) / int(a["rank"])
         sq = defaultdict(float)
-        for key, d in lora_deltas(lora, float(a["alpha"]) / int(a["rank"])).items():
-            sq[kind_of(key[: -len(".weight")])] += float(d.pow(2).sum())
+        for module, (A, B) in lora.items():
+            sq[kind_of(module)] += float(lora_delta(A, B, scale).pow(2).sum())
         out[name] = {"rank": a["rank"], "alpha": a["alpha"],
                      "norms": {k: round(v ** 0.5, 4) for k, v in sorted(sq.items())}}
     return out
