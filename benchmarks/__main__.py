@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flowopd.tasks import TASK_NAMES as TASKS
@@ -452,6 +453,28 @@ def scaling(batches=(16, 32, 64, 128), steps=(10, 20, 40), base_batch: int = 32,
     return {"by_batch": by_batch, "by_steps": by_steps, "note": "median of 2 timed runs after one warm-up run, per configuration"}
 
 
+def eval_batch(batches=(16, 32, 64, 128), n: int = 256, steps: int = 40) -> dict:
+    """Evaluation sampling (flowopd.sampling.sample_images: ODE, CFG 2.0, the shipped base) of the test
+    split's first n prompts at several prompt batch sizes (CFG doubles each batch), one timed run each,
+    and whether every batch size gives the same images, pixel for pixel."""
+    from flowopd.backends import load_checkpoint
+    from flowopd.sampling import sample_images
+    from flowopd.world.prompts import get_split
+
+    b = load_checkpoint("base", "cpu")
+    prompts = [p.text for p in get_split("test")][:n]
+    sample_images(b, prompts[:32], steps=2, batch_size=32, progress=False)  # warm-up
+    rows, ref = [], None
+    for bs in batches:
+        t0 = time.perf_counter()
+        images = sample_images(b, prompts, steps=steps, batch_size=bs, progress=False)
+        sec = time.perf_counter() - t0
+        ref = images if ref is None else ref
+        rows.append({"batch": bs, "sec": sec, "ms_per_image_step": 1000 * sec / (n * steps),
+                     "same_images_as_first": bool(np.array_equal(images, ref))})
+    return {"prompts": n, "steps": steps, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- 6. SD3.5-M shaped (GPU)
 
 
@@ -591,6 +614,10 @@ def table(d: dict) -> str:
             f"b{r['batch']} {r['sec']:.2f}s ({1000 * r['sec_per_sample']:.1f} ms/sample)" for r in s["by_batch"]))
         out.append("rollout scaling (batch 32): " + ", ".join(
             f"{r['steps']} steps {r['sec']:.2f}s ({r['sec_per_step']:.3f} s/step)" for r in s["by_steps"]))
+    if "eval_batch" in p:
+        e = p["eval_batch"]
+        out.append(f"\nevaluation sampling ({e['prompts']} prompts, {e['steps']} steps) by prompt batch: " + ", ".join(
+            f"b{r['batch']} {r['sec']:.1f}s" + ("" if r["same_images_as_first"] else " (other images)") for r in e["rows"]))
     if "sd3_device" in p:
         s = p["sd3_device"]
         out.append(f"\nSD3.5-M-shaped on {s['device']} ({s['num_layers']} layers, {s['dtype']}): " + ", ".join(
@@ -602,7 +629,7 @@ def table(d: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-PARTS = ("sample_efficiency", "memory_tiny", "memory_sd3", "flops", "step_cost", "scaling", "sd3_device")
+PARTS = ("sample_efficiency", "memory_tiny", "memory_sd3", "flops", "step_cost", "scaling", "eval_batch", "sd3_device")
 
 
 def main(argv=None):
@@ -660,6 +687,9 @@ def main(argv=None):
         elif part == "scaling":
             v = scaling()
             head = {}
+        elif part == "eval_batch":
+            v = eval_batch()
+            head = {}
         elif part == "sd3_device":
             dt = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
             v = sd3_device(args.device, args.sd3_layers, batch=args.sd3_batch, latent=args.sd3_latent, dtype=dt)
@@ -669,6 +699,7 @@ def main(argv=None):
         v["loadavg_before"] = la
         v["loadavg_after"] = loadavg()
         v["wall_sec"] = time.perf_counter() - t0
+        v["date"] = R.data["meta"]["date"]  # (meta is the latest run's; a part keeps when it was measured)
         R.put(part, v, head)
     print(table(R.data))
     return R.data

@@ -187,7 +187,7 @@ def _world_commands(sub) -> None:
     sp.add_argument("--checkpoint", required=True, help="checkpoint directory, or 'base' for the shipped base")
     sp.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL ({prompt, task})")
     sp.add_argument("--out", required=True, help="output directory")
-    sp.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
+    sp.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
     _sampling_flags(sp)
     sp.set_defaults(func=cmd_sample)
 
