@@ -265,6 +265,25 @@ def test_glyph_noise_changes_sign_characters_only_to_other_characters():
     assert 0.15 < changed.sum() / is_char.sum() < 0.25
 
 
+def test_signs_train_at_their_own_noise_levels_when_text_sigma_mean_is_set():
+    from flowopd.losses import logit_normal_sigmas
+    from flowopd.trainers.pretrain import Batches, PretrainConfig, noise_levels
+
+    base = dict(batch_size=256, dataset_size=256, text_fraction=0.5, seed=2, p_uncond=0.5, sigma_std=0.1)
+    data = Batches(PretrainConfig(**base), "cpu")
+    x0, _, _ = data.draw(torch.Generator().manual_seed(0))
+    ink = (x0 == -1).all(1).flatten(1).any(1)  # black pixels: only a sign's glyphs are black
+    assert torch.equal(data.last_is_text, ink) and 0.3 < ink.float().mean() < 0.7  # dropped prompts too
+    split = noise_levels(PretrainConfig(sigma_mean=4.0, text_sigma_mean=-4.0, **base), ink,
+                         torch.Generator().manual_seed(1), "cpu")
+    assert (split[ink] < 0.05).all() and (split[~ink] > 0.95).all()
+    # unset: the one draw of before, and nothing more taken from the generator
+    g, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    same = noise_levels(PretrainConfig(sigma_mean=4.0, **base), ink, g, "cpu")
+    assert torch.equal(same, logit_normal_sigmas(256, 4.0, 0.1, generator=ref))
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=ref))
+
+
 def test_caption_noise_is_refused_past_one_half():
     from flowopd.config import ConfigError
     from flowopd.trainers.pretrain import CAPTION_NOISE_KEYS, PretrainConfig

@@ -69,6 +69,9 @@ class PretrainConfig:
     render_workers: int = 1
     sigma_mean: float = 0.0
     sigma_std: float = 1.0
+    # the noise levels of sign prompts (logit-normal mean; None: sigma_mean): layouts form at high noise
+    # and glyph strokes at low noise, so one recipe may train each task where its own decisions are made
+    text_sigma_mean: float | None = None
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -198,6 +201,8 @@ def _identity(cfg: PretrainConfig) -> dict:
     for st in (d, *d.get("stages", [])):
         if not st.get("text_length_weights", True):
             del st["text_length_weights"]  # uniform: the identity of runs written before the key existed
+        if st.get("text_sigma_mean", 0) is None:
+            del st["text_sigma_mean"]  # (likewise)
     return d
 
 
@@ -220,6 +225,7 @@ class Batches:
         self.ids, self.slots = (t.to(device) for t in tok.batch(prompts))
         self.null_ids, self.null_slots = (t.to(device) for t in tok.batch([None]))
         self.x = torch.from_numpy(to_model_space(images)).to(device)
+        self.is_text = (self.ids >= Tokenizer.char_base).any(1)  # sign prompts (their characters' tokens)
         self.batch_size, self.p_uncond, self.device = cfg.batch_size, cfg.p_uncond, device
         self.word_dropout = cfg.word_dropout
         self.attribute_ids = torch.tensor([tok.vocab[w] for w in ATTRIBUTE_WORDS], device=device)
@@ -289,7 +295,19 @@ class Batches:
                 if tuple(ids[i].tolist()) in self.heldout_rows:
                     ids[i] = clean[i]
         slots = torch.where(drop[:, None], self.null_slots.expand_as(slots), slots)
+        self.last_is_text = self.is_text[idx]  # which rows are renders of signs (dropped prompts included)
         return self.x[idx], ids, slots
+
+
+def noise_levels(cfg: PretrainConfig, is_text, gen, device):
+    """Training noise levels of a batch: logit-normal around sigma_mean, and around text_sigma_mean for
+    the rows that are signs when that is set (with it unset nothing more is drawn from gen, so older
+    runs' data stream stays the same)."""
+    sigma = logit_normal_sigmas(cfg.batch_size, cfg.sigma_mean, cfg.sigma_std, generator=gen, device=device)
+    if cfg.text_sigma_mean is not None:
+        sigma_t = logit_normal_sigmas(cfg.batch_size, cfg.text_sigma_mean, cfg.sigma_std, generator=gen, device=device)
+        sigma = torch.where(is_text, sigma_t, sigma)
+    return sigma
 
 
 def _device(name: str) -> torch.device:
@@ -381,7 +399,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         # 1. batch, prompt dropout
         x0, ids, slots = data.draw(gen)
         # 2. noise level and interpolation
-        sigma = logit_normal_sigmas(cfg.batch_size, cfg.sigma_mean, cfg.sigma_std, generator=gen, device=device)
+        sigma = noise_levels(cfg, data.last_is_text, gen, device)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         x = interpolate(x0, noise, sigma)
         # 3. velocity regression; the shared optimizer step (clip, skip non-finite, EMA)
