@@ -41,8 +41,8 @@ def sampling_defaults(backend) -> dict:
 def sample_images(backend, prompts: list[str], steps: int | None = None, cfg: float | None = None,
                   seed: int = 0, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """ODE-sample one image per prompt -> uint8 (N, H, W, 3), batch_size prompts at a time (None: 32 on
-    a CPU, where the tiny model's convolutions run about a third faster on 64 rows than on 256, with the
-    same images; 128 elsewhere)."""
+    a CPU, where smaller batches sample faster with the same images (benchmarks' eval_batch part);
+    128 elsewhere)."""
     if batch_size is None:
         batch_size = 32 if torch.device(backend.device).type == "cpu" else 128
     d = sampling_defaults(backend)
