@@ -8,8 +8,9 @@ character and by (target, read) pair.
 
     python experiments/text_confusions.py --checkpoint base --out experiments/results/text_confusions.jsonl
 
-Prints the error rate per character, the share of the mistakes made on the 5 most-missed
-characters and in the 5 commonest pairs, and the reads of another length.
+Prints how many signs were read at another length (left out of the counts), the share of characters
+read wrong, the share of the mistakes made on the 5 most-missed characters and in the 5 commonest
+pairs, and the most-missed characters and commonest pairs themselves.
 """
 from __future__ import annotations
 
@@ -55,10 +56,10 @@ def main() -> None:
             if c != d:
                 missed[c] += 1
                 pairs[(c, d)] += 1
-    errors = sum(missed.values())
+    errors, chars = sum(missed.values()), sum(seen.values())
     rec = {"checkpoint": a.checkpoint, "per_length": a.per_length, "steps": a.steps, "seed": a.seed,
-           "signs": len(targets), "other_length": other_length, "chars": sum(seen.values()), "errors": errors,
-           "error_rate": round(errors / max(1, sum(seen.values())), 4),
+           "signs": len(targets), "other_length": other_length, "chars": chars, "errors": errors,
+           "error_rate": round(errors / max(1, chars), 4),
            "top5_chars_share": round(sum(v for _, v in missed.most_common(5)) / max(1, errors), 3),
            "top5_pairs_share": round(sum(v for _, v in pairs.most_common(5)) / max(1, errors), 3),
            "distinct_pairs": len(pairs),
