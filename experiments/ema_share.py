@@ -1,0 +1,89 @@
+"""A checkpoint's share of its random initial weights: remove it (debias) or add one (damp).
+
+The shipped base was saved as a plain EMA (decay 0.999, 2693 steps) before pretraining debiased its
+EMA, so its weights are 0.999^2693 = 6.8% its random initial weights and 93.2% the average of what it
+learned. The initial weights can be rebuilt exactly: the model's config and seed, drawn as pretraining
+draws them. This script writes
+
+    python experiments/ema_share.py --checkpoint base --out runs/base_deb
+        the debiased weights (w - s * init) / (1 - s), s = ema_decay ** steps from the recipe (only
+        for checkpoints saved before debiasing: those without a format number in config.json);
+    python experiments/ema_share.py --checkpoint experiments/checkpoints/xl --keep 0.932 --out runs/xl_d
+        the weights damped toward their initial ones, init + keep * (w - init), as the shipped base is.
+
+For a checkpoint continued from another (`init` in its recipe, as the curriculum's stages are), the
+random initial weights are those of the run that started from scratch, with the same model and seed.
+The script checks that the rebuilt weights are the right ones (the checkpoint's tensors correlate with
+them; with another seed they do not) and refuses otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+import json
+
+from safetensors.torch import save_file
+
+from flowopd.backends.tiny import read_weights, resolve_checkpoint
+from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+
+def initial_weights(model_cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    """The random weights a pretraining run from scratch starts from (seeded before the model is built)."""
+    torch.manual_seed(seed)
+    return TinyUNet(TinyConfig.from_dict(model_cfg)).state_dict()
+
+
+def mean_correlation(w: dict, init: dict) -> float:
+    """Mean correlation, over tensors of 1000+ entries that moved from a non-constant start, of w with init."""
+    cs = []
+    for k, v in init.items():
+        a, b = w[k].float().flatten(), v.float().flatten()
+        if a.numel() >= 1000 and b.std() > 0:
+            cs.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+    return sum(cs) / len(cs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="'base' or a checkpoint directory")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keep", type=float, default=None,
+                    help="damp: keep this share of the learned change (default: debias by the recipe's EMA share)")
+    args = ap.parse_args()
+
+    src = resolve_checkpoint(args.checkpoint)
+    cfg = json.loads((src / "config.json").read_text())
+    weights = read_weights(src / "model.safetensors")
+    meta = cfg.get("meta", {})
+    seed = int(meta.get("seed", 0))
+    init = initial_weights(cfg["model"], seed)
+    corr, other = mean_correlation(weights, init), mean_correlation(weights, initial_weights(cfg["model"], seed + 1))
+    print(f"correlation with the rebuilt initial weights: {corr:.3f} (seed {seed}); another seed's: {other:.3f}")
+    if corr < 0.2 or corr < 5 * abs(other):
+        raise SystemExit("the rebuilt initial weights are not this checkpoint's: refusing")
+
+    if args.keep is None:
+        # checkpoints with a format number were written after pretraining began to debias its EMA
+        if "format" in cfg or meta.get("recipe", {}).get("init"):
+            raise SystemExit(f"{args.checkpoint}: saved debiased, or continued from another checkpoint: "
+                             "no share of random initial weights to remove")
+        share = float(meta["recipe"]["ema_decay"]) ** int(meta["step"])
+        print(f"debias: initial weights' share {share:.4f}")
+        new = {k: (v.float() - share * init[k].float()) / (1 - share) if v.is_floating_point() else v
+               for k, v in weights.items()}
+    else:
+        print(f"damp: keep {args.keep} of the learned change")
+        new = {k: init[k].float() + args.keep * (v.float() - init[k].float()) if v.is_floating_point() else v
+               for k, v in weights.items()}
+    shutil.copytree(src, args.out, dirs_exist_ok=True)
+    save_file({k: v.contiguous() for k, v in new.items()}, str(args.out / "model.safetensors"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
