@@ -8,7 +8,7 @@ draws them. This script writes
     python experiments/ema_share.py --checkpoint base --out runs/base_deb
         the debiased weights (w - s * init) / (1 - s), s = ema_decay ** steps from the recipe (only
         for checkpoints saved before debiasing: those without a format number in config.json);
-    python experiments/ema_share.py --checkpoint experiments/checkpoints/xl --keep 0.932 --out runs/xl_d
+    python experiments/ema_share.py --checkpoint experiments/checkpoints/xl --keep 0.933 --out runs/xl_d
         the weights damped toward their initial ones, init + keep * (w - init), as the shipped base is.
 
 For a checkpoint continued from another (`init` in its recipe, as the curriculum's stages are), the
@@ -19,13 +19,11 @@ them; with another seed they do not) and refuses otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
 import torch
-
-import json
-
 from safetensors.torch import save_file
 
 from flowopd.backends.tiny import read_weights, resolve_checkpoint
@@ -39,7 +37,7 @@ def initial_weights(model_cfg: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def mean_correlation(w: dict, init: dict) -> float:
-    """Mean correlation, over tensors of 1000+ entries that moved from a non-constant start, of w with init."""
+    """Mean correlation of w with init, over the tensors of 1000+ entries whose initial values vary."""
     cs = []
     for k, v in init.items():
         a, b = w[k].float().flatten(), v.float().flatten()
@@ -55,10 +53,14 @@ def main():
     ap.add_argument("--keep", type=float, default=None,
                     help="damp: keep this share of the learned change (default: debias by the recipe's EMA share)")
     args = ap.parse_args()
+    if args.keep is not None and args.keep <= 0:
+        ap.error("--keep must be > 0 (the share of the learned change to keep)")
 
     src = resolve_checkpoint(args.checkpoint)
     cfg = json.loads((src / "config.json").read_text())
     weights = read_weights(src / "model.safetensors")
+    if cfg.get("adapters"):
+        raise SystemExit(f"{args.checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
     meta = cfg.get("meta", {})
     seed = int(meta.get("seed", 0))
     init = initial_weights(cfg["model"], seed)
@@ -76,12 +78,16 @@ def main():
         print(f"debias: initial weights' share {share:.4f}")
         new = {k: (v.float() - share * init[k].float()) / (1 - share) if v.is_floating_point() else v
                for k, v in weights.items()}
+        meta["ema_share"] = {"source": str(args.checkpoint), "removed": share}
     else:
         print(f"damp: keep {args.keep} of the learned change")
         new = {k: init[k].float() + args.keep * (v.float() - init[k].float()) if v.is_floating_point() else v
                for k, v in weights.items()}
+        meta["ema_share"] = {"source": str(args.checkpoint), "keep": args.keep}
     shutil.copytree(src, args.out, dirs_exist_ok=True)
     save_file({k: v.contiguous() for k, v in new.items()}, str(args.out / "model.safetensors"))
+    cfg["meta"] = meta  # the recipe stays the source's; ema_share says what was done to its weights
+    (args.out / "config.json").write_text(json.dumps(cfg, indent=2))
     print(f"wrote {args.out}")
 
 
