@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from flowopd.backends.tiny import read_weights, resolve_checkpoint
 from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+from flowopd.trainers.pretrain import debiased_ema
 
 
 def initial_weights(model_cfg: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -74,10 +75,10 @@ def main():
         if "format" in cfg or meta.get("recipe", {}).get("init"):
             raise SystemExit(f"{args.checkpoint}: saved debiased, or continued from another checkpoint: "
                              "no share of random initial weights to remove")
-        share = float(meta["recipe"]["ema_decay"]) ** int(meta["step"])
+        decay, steps = float(meta["recipe"]["ema_decay"]), int(meta["step"])
+        share = decay ** steps
         print(f"debias: initial weights' share {share:.4f}")
-        new = {k: (v.float() - share * init[k].float()) / (1 - share) if v.is_floating_point() else v
-               for k, v in weights.items()}
+        new = debiased_ema(weights, init, decay, steps)  # what pretraining saves today
         meta["ema_share"] = {"source": str(args.checkpoint), "removed": share}
     else:
         print(f"damp: keep {args.keep} of the learned change")

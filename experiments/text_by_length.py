@@ -40,17 +40,34 @@ def strings(length: int, n: int, rng: random.Random) -> tuple[list[str], list[st
     return train, test
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_sign_options(ap: argparse.ArgumentParser, per_length: int) -> None:
+    """The options of the sign experiments (this script and text_confusions.py)."""
     ap.add_argument("--checkpoint", default="base")
-    ap.add_argument("--per-length", type=int, default=32, help="strings per length and split")
+    ap.add_argument("--per-length", type=int, default=per_length, help="strings per length and split")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--seed", type=int, default=1, help="noise seed")
-    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's)")
     ap.add_argument("--out", default="", help="append the record to this JSON-lines file")
+
+
+def parse_sign_options(ap: argparse.ArgumentParser) -> argparse.Namespace:
     a = ap.parse_args()
     if a.per_length < 1 or a.steps < 1:
         ap.error("--per-length and --steps must be >= 1")
+    return a
+
+
+def append_record(out: str, rec: dict) -> None:
+    """Append rec to the JSON-lines file out (nothing when out is empty)."""
+    if out:
+        with Path(out).open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sign_options(ap, per_length=32)
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's)")
+    a = parse_sign_options(ap)
     backend = load_checkpoint(a.checkpoint, device="cpu")
     rng = random.Random(5)
     rec: dict = {"checkpoint": a.checkpoint, "per_length": a.per_length, "steps": a.steps, "seed": a.seed}
@@ -67,9 +84,7 @@ def main() -> None:
     for split in ("train", "test"):
         rec[f"{split}_mean"] = round(float(np.mean([rec[str(n)][split] for n in range(1, MAX_TEXT_LEN + 1)])), 3)
     print(f"mean: train {rec['train_mean']:.3f}   test {rec['test_mean']:.3f}")
-    if a.out:
-        with Path(a.out).open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    append_record(a.out, rec)
 
 
 if __name__ == "__main__":

@@ -15,29 +15,21 @@ pairs, and the most-missed characters and commonest pairs themselves.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections import Counter
-from pathlib import Path
 
 from flowopd.backends import load_checkpoint
 from flowopd.sampling import sample_images
 from flowopd.world.prompts import sign_prompt
 from flowopd.world.scoring import ocr_read
 
-from text_by_length import strings
+from text_by_length import add_sign_options, append_record, parse_sign_options, strings
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default="base")
-    ap.add_argument("--per-length", type=int, default=64, help="strings per length and split")
-    ap.add_argument("--steps", type=int, default=20, help="ODE steps")
-    ap.add_argument("--seed", type=int, default=1, help="noise seed")
-    ap.add_argument("--out", default="", help="append the record to this JSON-lines file")
-    a = ap.parse_args()
-    if a.per_length < 1 or a.steps < 1:
-        ap.error("--per-length and --steps must be >= 1")
+    add_sign_options(ap, per_length=64)
+    a = parse_sign_options(ap)
     backend = load_checkpoint(a.checkpoint, device="cpu")
     rng = random.Random(5)
     targets: list[str] = []
@@ -71,9 +63,7 @@ def main() -> None:
           f"{rec['top5_pairs_share']:.2f} ({len(pairs)} distinct pairs)")
     print("  most missed (wrong / seen):", ", ".join(f"{c} {m}/{s}" for c, m, s in rec["worst_chars"]))
     print("  commonest pairs (target>read):", ", ".join(f"{p} {v}" for p, v in rec["top_pairs"]))
-    if a.out:
-        with Path(a.out).open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    append_record(a.out, rec)
 
 
 if __name__ == "__main__":
