@@ -9,7 +9,8 @@ draws them. This script writes
         the debiased weights (w - s * init) / (1 - s), s = ema_decay ** steps from the recipe (only
         for checkpoints saved before debiasing: those without a format number in config.json);
     python experiments/ema_share.py --checkpoint experiments/checkpoints/xl --keep 0.933 --out runs/xl_d
-        the weights damped toward their initial ones, init + keep * (w - init), as the shipped base is.
+        the weights damped toward their initial ones, init + keep * (w - init), as the shipped base is
+        (pretraining's `damp` key does the same to the weights it saves).
 
 For a checkpoint continued from another (`init` in its recipe, as the curriculum's stages are), the
 random initial weights are those of the run that started from scratch, with the same model and seed.
@@ -27,14 +28,14 @@ import torch
 from safetensors.torch import save_file
 
 from flowopd.backends.tiny import read_weights, resolve_checkpoint
-from flowopd.backends.tiny_model import TinyConfig, TinyUNet
-from flowopd.trainers.pretrain import debiased_ema
+from flowopd.backends.tiny_model import TinyConfig
+from flowopd.trainers.pretrain import damped, debiased_ema
+from flowopd.trainers.pretrain import initial_weights as pretrain_initial_weights
 
 
 def initial_weights(model_cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     """The random weights a pretraining run from scratch starts from (seeded before the model is built)."""
-    torch.manual_seed(seed)
-    return TinyUNet(TinyConfig.from_dict(model_cfg)).state_dict()
+    return pretrain_initial_weights(TinyConfig.from_dict(model_cfg), seed)
 
 
 def mean_correlation(w: dict, init: dict) -> float:
@@ -82,8 +83,7 @@ def main():
         meta["ema_share"] = {"source": str(args.checkpoint), "removed": share}
     else:
         print(f"damp: keep {args.keep} of the learned change")
-        new = {k: init[k].float() + args.keep * (v.float() - init[k].float()) if v.is_floating_point() else v
-               for k, v in weights.items()}
+        new = damped(weights, init, args.keep)  # what pretraining's `damp` key saves
         meta["ema_share"] = {"source": str(args.checkpoint), "keep": args.keep}
     shutil.copytree(src, args.out, dirs_exist_ok=True)
     save_file({k: v.contiguous() for k, v in new.items()}, str(args.out / "model.safetensors"))

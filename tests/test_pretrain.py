@@ -329,3 +329,44 @@ def test_a_pretrained_prompt_encoder_is_loaded_and_stays_frozen_while_the_rest_t
     with pytest.raises(UserError, match="does not fit"):  # an encoder with roles, a model without
         pretrain(PretrainConfig(steps=1, text_init=str(tmp_path / "enc.safetensors"), **{**tiny, "roles": False}),
                  tmp_path / "e")
+
+
+def test_damp_keeps_that_share_of_the_change_from_the_random_initial_weights(tmp_path):
+    """A damped run saves r + damp * (w - r), r the random weights its model and seed start from; a
+    stage that sets damp damps its own weights (toward stage 0's r: same model, same seed) and the
+    next stage continues from them, as if each stage were run alone."""
+    import pytest
+
+    from flowopd.backends import load_checkpoint
+    from flowopd.backends.tiny_model import TinyConfig
+    from flowopd.config import ConfigError, load
+    from flowopd.trainers.pretrain import PretrainConfig, initial_weights, pretrain
+
+    tiny = dict(steps=2, batch_size=4, dataset_size=8, channels=[8, 8, 8], state_every=0, warmup=1)
+    full = load_checkpoint(pretrain(PretrainConfig(**tiny), tmp_path / "full")).model.state_dict()
+    half = load_checkpoint(pretrain(PretrainConfig(damp=0.5, **tiny), tmp_path / "half")).model.state_dict()
+    r = initial_weights(TinyConfig(channels=(8, 8, 8)), 0)
+    assert any(not torch.allclose(v, r[k]) for k, v in full.items())  # it trained
+    for k, v in full.items():
+        assert torch.allclose(half[k], r[k] + 0.5 * (v - r[k]), atol=1e-6)
+
+    # a curriculum damped after its first stage == the stages run alone, the second from the damped first
+    stages = [{"text_fraction": 0.0, "damp": 0.25}, {"steps": 1, "lr": 5e-4}]
+    staged = load_checkpoint(pretrain(PretrainConfig(stages=stages, **tiny), tmp_path / "staged")).model.state_dict()
+    a = pretrain(PretrainConfig(**{**tiny, **stages[0]}), tmp_path / "a")
+    plain_a = load_checkpoint(pretrain(PretrainConfig(**{**tiny, "text_fraction": 0.0}), tmp_path / "pa")).model.state_dict()
+    wa = load_checkpoint(a).model.state_dict()
+    for k, v in plain_a.items():
+        assert torch.allclose(wa[k], r[k] + 0.25 * (v - r[k]), atol=1e-6)
+    b = pretrain(PretrainConfig(init=str(a), **{**tiny, **stages[1]}), tmp_path / "b")
+    wb = load_checkpoint(b).model.state_dict()
+    assert all(torch.equal(v, wb[k]) for k, v in staged.items())
+    # damping a run from init goes toward the same r (rebuilt from the init's model and the seed)
+    c = pretrain(PretrainConfig(init=str(a), damp=0.5, **{**tiny, **stages[1]}), tmp_path / "c")
+    wc = load_checkpoint(c).model.state_dict()
+    for k, v in wb.items():
+        assert torch.allclose(wc[k], r[k] + 0.5 * (v - r[k]), atol=1e-6)
+    with pytest.raises(ConfigError, match="damp must be in"):
+        load(PretrainConfig, None, ["damp=0"])
+    with pytest.raises(ConfigError, match="text_init"):
+        load(PretrainConfig, None, ["damp=0.5", "text_init=x.safetensors"])

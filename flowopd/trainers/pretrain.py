@@ -10,7 +10,8 @@ The loop, top to bottom:
      updates is removed, as Adam debiases its moments; without it a checkpoint
      of the first few thousand steps draws visible noise); every
      `state_every` steps save the whole run state (flowopd.state), from which a
-     rerun of the same command on the same --out resumes bit for bit (CPU)
+     rerun of the same command on the same --out resumes bit for bit (CPU);
+     with `damp` < 1 the saved weights are damped toward random initial ones
 
 The shipped base (flowopd/checkpoints/base) was made by this loop with
 configs/toy_pretrain.yaml; its config.json records the recipe and the cost.
@@ -105,6 +106,13 @@ class PretrainConfig:
     eval_steps: int = 40  # sampling defaults written into the checkpoint
     eval_cfg: float = 3.0
     shift: float = 1.0
+    # the weights this run saves keep this share of their change from the random weights that this model
+    # and seed start from: r + damp * (w - r) (1: as trained). r is a run from scratch's initial weights;
+    # a run from `init` rebuilds them from the init's model and this seed (the same as the curriculum's
+    # stage 0 when the seed is). A damped model follows every prompt word more weakly, the change it
+    # learned still there, scaled (docs/experiments.md, twenty-second and twenty-third sessions). Like
+    # every key, one set at the top of a curriculum holds in each stage: set it in the stage to damp
+    damp: float = 1.0
     # a curriculum: run i trains with these keys over the ones above and continues from run i-1's final
     # weights (out/stage_i); [] is one run
     stages: list[dict] = field(default_factory=list)
@@ -130,6 +138,9 @@ class PretrainConfig:
         for key in CAPTION_NOISE_KEYS:
             require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+        require(0 < self.damp <= 1, "damp must be in (0, 1] (the share of the learned change to keep)")
+        require(self.damp == 1 or not self.text_init,
+                "damp scales the change from random initial weights: not for a prompt encoder from text_init")
         unknown = set(self.category_weights) - set(CATEGORIES)
         require(not unknown, f"category_weights: unknown categories {sorted(unknown)}; categories are {', '.join(CATEGORIES)}")
         require(all(w >= 0 for w in self.category_weights.values()) and
@@ -189,6 +200,22 @@ def debiased_ema(ema: dict, init: dict, decay: float, updates: int) -> dict:
     return {k: ((v.double() - c * init[k].double()) / (1 - c)).to(v.dtype) for k, v in ema.items()}
 
 
+def damped(weights: dict, init: dict, keep: float) -> dict:
+    """init + keep * (weights - init), tensor by tensor (keep 1: the weights themselves; integer tensors kept)."""
+    if keep == 1:
+        return dict(weights)
+    return {k: (init[k].double() + keep * (v.double() - init[k].double())).to(v.dtype) if v.is_floating_point() else v
+            for k, v in weights.items()}
+
+
+def initial_weights(model_cfg: TinyConfig, seed: int) -> dict:
+    """The random weights a run from scratch with this model and seed starts from (seeded as pretrain
+    seeds them), drawn without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyUNet(model_cfg).state_dict()
+
+
 def _identity(cfg: PretrainConfig) -> dict:
     """The parts of the config that define the run (resuming needs them unchanged)."""
     d = to_dict(cfg)
@@ -203,6 +230,8 @@ def _identity(cfg: PretrainConfig) -> dict:
             del st["text_length_weights"]  # uniform: the identity of runs written before the key existed
         if st.get("text_sigma_mean", 0) is None:
             del st["text_sigma_mean"]  # (likewise)
+    if d.get("damp") == 1:
+        del d["damp"]  # (likewise)
     return d
 
 
@@ -366,6 +395,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     render_s = time.time() - t0
     model = _model(cfg, device)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
+    origin = (init if not cfg.init else initial_weights(model.cfg, cfg.seed)) if cfg.damp != 1 else None
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # (not a frozen prompt encoder)
     ema = EMA(params.values(), cfg.ema_decay)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -382,7 +412,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     run.logger = logger = RunLogger(out, tensorboard=False)
 
     def save(step: int, name: str):
-        """The EMA weights, debiased (its share of the random initial weights removed)."""
+        """The EMA weights, debiased (its share of the random initial weights removed), then damped."""
         meta = {"step": step, "seed": cfg.seed, "recipe": to_dict(cfg),
                 "minutes": round((time.time() - t0) / 60, 2), "device": str(device),
                 "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -390,6 +420,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         sampling = {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift}
         backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
         weights = {**model.state_dict(), **debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch)}
+        weights = damped(weights, origin, cfg.damp) if origin is not None else weights
         save_checkpoint(backend, out / name, meta, weights)
 
     save_at = set(cfg.save_at)
