@@ -395,7 +395,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
     render_s = time.time() - t0
     model = _model(cfg, device)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on a resumed run (seeded)
-    origin = (init if not cfg.init else initial_weights(model.cfg, cfg.seed)) if cfg.damp != 1 else None
+    origin = None  # what `damp` damps toward: the random weights of this model and seed
+    if cfg.damp != 1:
+        origin = init if not cfg.init else {k: v.to(device) for k, v in initial_weights(model.cfg, cfg.seed).items()}
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}  # (not a frozen prompt encoder)
     ema = EMA(params.values(), cfg.ema_decay)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
