@@ -422,7 +422,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         sampling = {"steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "shift": cfg.shift}
         backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
         weights = {**model.state_dict(), **debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch)}
-        weights = damped(weights, origin, cfg.damp) if origin is not None else weights
+        weights = damped(weights, origin, cfg.damp)  # (damp 1: the weights as they are; origin None)
         save_checkpoint(backend, out / name, meta, weights)
 
     save_at = set(cfg.save_at)
