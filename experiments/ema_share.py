@@ -10,7 +10,10 @@ draws them. This script writes
         for checkpoints saved before debiasing: those without a format number in config.json);
     python experiments/ema_share.py --checkpoint experiments/checkpoints/xl --keep 0.933 --out runs/xl_d
         the weights damped toward their initial ones, init + keep * (w - init), as the shipped base is
-        (pretraining's `damp` key does the same to the weights it saves).
+        (pretraining's `damp` key does the same to the weights it saves);
+    python experiments/ema_share.py --checkpoint runs/B/final --keep 0.5 --toward runs/A/final --out runs/B_d
+        the weights damped toward another checkpoint's (the one B was continued from), A + keep * (B - A):
+        what B learned after A, damped.
 
 For a checkpoint continued from another (`init` in its recipe, as the curriculum's stages are), the
 random initial weights are those of the run that started from scratch, with the same model and seed.
@@ -54,9 +57,14 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--keep", type=float, default=None,
                     help="damp: keep this share of the learned change (default: debias by the recipe's EMA share)")
+    ap.add_argument("--toward", default=None,
+                    help="with --keep: damp toward this checkpoint's weights (the one the checkpoint was "
+                         "continued from) instead of the random initial ones")
     args = ap.parse_args()
     if args.keep is not None and args.keep <= 0:
         ap.error("--keep must be > 0 (the share of the learned change to keep)")
+    if args.toward and args.keep is None:
+        ap.error("--toward needs --keep")
 
     src = resolve_checkpoint(args.checkpoint)
     cfg = json.loads((src / "config.json").read_text())
@@ -64,6 +72,14 @@ def main():
     if cfg.get("adapters"):
         raise SystemExit(f"{args.checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
     meta = cfg.get("meta", {})
+    if args.toward:
+        origin = read_weights(resolve_checkpoint(args.toward) / "model.safetensors")
+        if set(origin) != set(weights) or any(origin[k].shape != v.shape for k, v in weights.items()):
+            raise SystemExit(f"{args.toward} is not the same model as {args.checkpoint}: refusing")
+        print(f"damp toward {args.toward}: keep {args.keep} of the change from it")
+        new = damped(weights, origin, args.keep)
+        meta["ema_share"] = {"source": str(args.checkpoint), "keep": args.keep, "toward": str(args.toward)}
+        return write(src, args.out, cfg, meta, new)
     seed = int(meta.get("seed", 0))
     init = initial_weights(cfg["model"], seed)
     corr, other = mean_correlation(weights, init), mean_correlation(weights, initial_weights(cfg["model"], seed + 1))
@@ -85,11 +101,15 @@ def main():
         print(f"damp: keep {args.keep} of the learned change")
         new = damped(weights, init, args.keep)  # what pretraining's `damp` key saves
         meta["ema_share"] = {"source": str(args.checkpoint), "keep": args.keep}
-    shutil.copytree(src, args.out, dirs_exist_ok=True)
-    save_file({k: v.contiguous() for k, v in new.items()}, str(args.out / "model.safetensors"))
+    write(src, args.out, cfg, meta, new)
+
+
+def write(src: Path, out: Path, cfg: dict, meta: dict, weights: dict) -> None:
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     cfg["meta"] = meta  # the recipe stays the source's; ema_share says what was done to its weights
-    (args.out / "config.json").write_text(json.dumps(cfg, indent=2))
-    print(f"wrote {args.out}")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
