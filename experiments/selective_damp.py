@@ -48,7 +48,7 @@ def task_batch(task: str, n: int, rng: random.Random):
     return [p.text for p in prompts], torch.from_numpy(to_model_space(np.stack(images)))
 
 
-def fisher(model, tasks: list[str], sigma_mean: dict, batches: int, batch: int, seed: int) -> dict:
+def fisher(model, tasks: list[str], sigma_mean: dict, sigma_std: float, batches: int, batch: int, seed: int) -> dict:
     """Mean squared mini-batch gradient of the loss, per parameter, over batches drawn from `tasks`."""
     tok, rng = Tokenizer(), random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +58,7 @@ def fisher(model, tasks: list[str], sigma_mean: dict, batches: int, batch: int, 
         task = tasks[i % len(tasks)]
         texts, x0 = task_batch(task, batch, rng)
         ids, slots = tok.batch(texts)
-        sigma = logit_normal_sigmas(batch, sigma_mean[task], 1.0, generator=gen)
+        sigma = logit_normal_sigmas(batch, sigma_mean[task], sigma_std, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         model.zero_grad(set_to_none=True)
         v = model(interpolate(x0, noise, sigma), sigma, model.encode(ids, slots))
@@ -96,10 +96,11 @@ def main():
     sm = float(recipe.get("sigma_mean", 0.0))
     tm = recipe.get("text_sigma_mean")
     sigma_mean = {t: sm for t in CATEGORIES} | {"text": sm if tm is None else float(tm)}
+    sigma_std = float(recipe.get("sigma_std", 1.0))
     model = load_checkpoint(src).model.float().train()
     torch.manual_seed(args.seed)
-    f_forget = fisher(model, [args.forget], sigma_mean, args.batches, args.batch, args.seed)
-    f_retain = fisher(model, retain, sigma_mean, args.batches, args.batch, args.seed + 1)
+    f_forget = fisher(model, [args.forget], sigma_mean, sigma_std, args.batches, args.batch, args.seed)
+    f_retain = fisher(model, retain, sigma_mean, sigma_std, args.batches, args.batch, args.seed + 1)
 
     # each Fisher as a share of its own total: signs at low noise levels have smaller gradients than
     # objects at high ones, and what matters is a weight's importance relative to the rest of its task's
