@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from flowopd.backends.tiny import load_checkpoint, resolve_checkpoint
 from flowopd.backends.tiny_model import Tokenizer
@@ -34,6 +32,8 @@ from flowopd.losses import flow_matching_loss, logit_normal_sigmas
 from flowopd.trainers.pretrain import damped, initial_weights
 from flowopd.world.prompts import CATEGORIES, make_prompt, random_text, sample_prompt, sign_prompt
 from flowopd.world.render import render, to_model_space
+
+from ema_share import write  # (beside this script: the checkpoint copy with new weights and meta)
 
 
 def task_batch(task: str, n: int, rng: random.Random):
@@ -105,9 +105,9 @@ def main():
     # each Fisher as a share of its own total: signs at low noise levels have smaller gradients than
     # objects at high ones, and what matters is a weight's importance relative to the rest of its task's
     for f in (f_forget, f_retain):
-        total = sum(float(v.sum()) for v in f.values())
+        norm = sum(float(v.sum()) for v in f.values())
         for k in f:
-            f[k] /= total
+            f[k] /= norm
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = initial_weights(model.cfg, int(cfg.get("meta", {}).get("seed", 0)))
     low = damped(weights, init, args.keep)
@@ -124,14 +124,12 @@ def main():
     for k, share in sorted(report.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {share:7.2%}  {k}")
 
-    shutil.copytree(src, args.out, dirs_exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(args.out / "model.safetensors"))
-    cfg.setdefault("meta", {})["selective_damp"] = {
+    meta = cfg.get("meta", {})
+    meta["selective_damp"] = {
         "source": str(args.checkpoint), "forget": args.forget, "retain": retain, "alpha": args.alpha,
         "keep": args.keep, "batches": args.batches, "batch": args.batch, "seed": args.seed,
         "share": round(selected / total, 5)}
-    (args.out / "config.json").write_text(json.dumps(cfg, indent=2))
-    print(f"wrote {args.out}")
+    write(src, args.out, cfg, meta, weights)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "selective_dam
 
 
 def run_script(monkeypatch, *args):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # it imports ema_share.py beside it, as when run
     spec = importlib.util.spec_from_file_location("selective_damp", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
