@@ -10,7 +10,8 @@ random initial weights rather than toward zero, so that a teacher has something 
 
 F is the diagonal Fisher estimate: the mean squared gradient of the flow-matching loss over small
 batches of training prompts, at the noise levels the task is pretrained at (the recipe's
-`text_sigma_mean` for signs, `sigma_mean` for objects), each as a share of its sum over all weights.
+`text_sigma_mean` for signs, `sigma_mean` for objects, or `--retain-sigma` for the retain tasks), each
+as a share of its sum over all weights. `--exclude` keeps parameters out of the damping by name prefix.
 
     python experiments/selective_damp.py --checkpoint experiments/checkpoints/lo_base --forget text \
         --alpha 10 --keep 0.5 --out runs/lob_sd_text
@@ -79,6 +80,9 @@ def main():
     ap.add_argument("--batches", type=int, default=48, help="mini-batches per task set")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retain-sigma", default=None, metavar="MEAN,STD",
+                    help="the retain tasks' noise levels (logit-normal); default: the recipe's for each task")
+    ap.add_argument("--exclude", default="", help="comma-separated parameter-name prefixes never damped")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     tasks = ["text", *CATEGORIES]
@@ -100,7 +104,14 @@ def main():
     model = load_checkpoint(src).model.float().train()
     torch.manual_seed(args.seed)
     f_forget = fisher(model, [args.forget], sigma_mean, sigma_std, args.batches, args.batch, args.seed)
-    f_retain = fisher(model, retain, sigma_mean, sigma_std, args.batches, args.batch, args.seed + 1)
+    retain_mean, retain_std = sigma_mean, sigma_std
+    if args.retain_sigma:
+        try:
+            m, sd = (float(x) for x in args.retain_sigma.split(","))
+        except ValueError:
+            ap.error("--retain-sigma: MEAN,STD, two numbers")
+        retain_mean, retain_std = {t: m for t in tasks}, sd
+    f_retain = fisher(model, retain, retain_mean, retain_std, args.batches, args.batch, args.seed + 1)
 
     # each Fisher as a share of its own total: signs at low noise levels have smaller gradients than
     # objects at high ones, and what matters is a weight's importance relative to the rest of its task's
@@ -113,8 +124,11 @@ def main():
     low = damped(weights, init, args.keep)
     selected = total = 0
     report = {}
+    exclude = tuple(x for x in args.exclude.split(",") if x)
     for k in f_forget:
         mask = f_forget[k] > args.alpha * f_retain[k]
+        if exclude and k.startswith(exclude):
+            mask = torch.zeros_like(mask)
         weights[k] = torch.where(mask, low[k], weights[k])
         selected += int(mask.sum())
         total += mask.numel()
@@ -129,6 +143,10 @@ def main():
         "source": str(args.checkpoint), "forget": args.forget, "retain": retain, "alpha": args.alpha,
         "keep": args.keep, "batches": args.batches, "batch": args.batch, "seed": args.seed,
         "share": round(selected / total, 5)}
+    if exclude:
+        meta["selective_damp"]["exclude"] = list(exclude)
+    if args.retain_sigma:
+        meta["selective_damp"]["retain_sigma"] = [retain_mean[retain[0]], retain_std]
     write(src, args.out, cfg, meta, weights)
 
 

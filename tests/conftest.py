@@ -1,8 +1,25 @@
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from flowopd.backends.tiny import TinyBackend, save_checkpoint
 from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def run_experiment_script(monkeypatch, name, *args):
+    """Run experiments/<name>.py's main() with these command-line arguments, as when run from there."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # scripts import their neighbours (ema_share.py)
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, args)])
+    mod.main()
+
 
 TINY = TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16)
 

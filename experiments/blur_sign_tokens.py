@@ -1,0 +1,66 @@
+"""Blur which character each sign token names: mix the sign characters' token embeddings with random vectors.
+
+A base that has learned its signs reads them from the random initial rows of its token embedding (the
+learned change of a character's row is about 5% of its norm on qB), so damping those rows toward their
+initial values changes nothing. This script moves each character's row part of the way to a fixed
+random vector instead:
+
+    row <- (1 - mix) * row + mix * r,   r ~ N(0, 1), drawn from --seed
+
+Only sign prompts contain character tokens: on every other prompt (and the unconditional one) the model
+is unchanged, so what a compose teacher learns on it is what it learns on the source checkpoint. Each
+character is confused in the same way in training and test strings, so a text teacher trained on
+training strings can undo some of it on new strings too.
+
+    python experiments/blur_sign_tokens.py --checkpoint experiments/checkpoints/qB --mix 0.4 --out runs/qcm_0.4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from flowopd.backends.tiny import read_weights, resolve_checkpoint
+from flowopd.backends.tiny_model import Tokenizer
+
+from ema_share import write  # (beside this script: the checkpoint copy with new weights and meta)
+
+KEY = "text.tok.weight"
+
+
+def blur(weights: dict, mix: float, seed: int) -> dict:
+    """weights with the sign characters' embedding rows mixed with seeded N(0, 1) vectors."""
+    out = dict(weights)
+    tok = weights[KEY].clone()
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(tok[Tokenizer.char_base:].shape, generator=g).to(tok.dtype)
+    tok[Tokenizer.char_base:] = (1 - mix) * tok[Tokenizer.char_base:] + mix * r
+    out[KEY] = tok
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="'base' or a checkpoint directory")
+    ap.add_argument("--mix", type=float, required=True, help="share of each row replaced by a random vector, in [0, 1]")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the random vectors")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if not 0 <= args.mix <= 1:
+        ap.error("--mix must be in [0, 1]")
+    src = resolve_checkpoint(args.checkpoint)
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("adapters"):
+        raise SystemExit(f"{args.checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
+    weights = read_weights(src / "model.safetensors")
+    if KEY not in weights or weights[KEY].shape[0] != Tokenizer.size:
+        raise SystemExit(f"{args.checkpoint}: no token embedding of {Tokenizer.size} rows ({KEY}): not a tiny-model checkpoint")
+    meta = cfg.get("meta", {})
+    meta["blur_sign_tokens"] = {"source": str(args.checkpoint), "mix": args.mix, "seed": args.seed}
+    write(src, args.out, cfg, meta, blur(weights, args.mix, args.seed))
+
+
+if __name__ == "__main__":
+    main()
