@@ -93,6 +93,13 @@ def main():
         ap.error(f"--retain: tasks among {', '.join(tasks)}, without the forget task")
     if not 0 <= args.keep <= 1:
         ap.error("--keep must be in [0, 1]")
+    retain_sigma = None
+    if args.retain_sigma:  # checked here, before the model is loaded and the forget Fisher computed
+        try:  # (a wrong count of numbers fails the unpacking with ValueError too)
+            mean, std = (float(x) for x in args.retain_sigma.split(","))
+        except ValueError:
+            ap.error("--retain-sigma: MEAN,STD, two numbers")
+        retain_sigma = [mean, std]
 
     src = resolve_checkpoint(args.checkpoint)
     cfg = json.loads((src / "config.json").read_text())
@@ -105,12 +112,8 @@ def main():
     torch.manual_seed(args.seed)
     f_forget = fisher(model, [args.forget], sigma_mean, sigma_std, args.batches, args.batch, args.seed)
     retain_mean, retain_std = sigma_mean, sigma_std
-    if args.retain_sigma:
-        try:
-            m, sd = (float(x) for x in args.retain_sigma.split(","))
-        except ValueError:
-            ap.error("--retain-sigma: MEAN,STD, two numbers")
-        retain_mean, retain_std = {t: m for t in tasks}, sd
+    if retain_sigma:
+        retain_mean, retain_std = {t: retain_sigma[0] for t in tasks}, retain_sigma[1]
     f_retain = fisher(model, retain, retain_mean, retain_std, args.batches, args.batch, args.seed + 1)
 
     # each Fisher as a share of its own total: signs at low noise levels have smaller gradients than
@@ -145,8 +148,8 @@ def main():
         "share": round(selected / total, 5)}
     if exclude:
         meta["selective_damp"]["exclude"] = list(exclude)
-    if args.retain_sigma:
-        meta["selective_damp"]["retain_sigma"] = [retain_mean[retain[0]], retain_std]
+    if retain_sigma:
+        meta["selective_damp"]["retain_sigma"] = retain_sigma
     write(src, args.out, cfg, meta, weights)
 
 
