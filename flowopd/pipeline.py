@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .report import MODELS, write_report
 from .sampling import sample_images
 from .tasks import TASK_NAMES, TOY_TASKS
-from .trainers.coldstart import main_coldstart
+from .trainers.coldstart import average_teachers, main_coldstart
 from .trainers.grpo import main_grpo
 from .trainers.opd import main_distill
 
@@ -57,6 +57,9 @@ class RunConfig:
     base: str = ""  # the checkpoint every stage starts from ("": the shipped base)
     grpo: list[str] = field(default_factory=list)
     teachers: dict = field(default_factory=dict)  # task -> overrides of its teacher's GRPO run only
+    # task -> n: train that teacher n times (seed=0..n-1, each its full budget) and use the mean of
+    # the n runs' weight deltas as the teacher
+    teacher_seeds: dict = field(default_factory=dict)
     grpo_mix: list[str] = field(default_factory=list)
     coldstart_sft: list[str] = field(default_factory=list)
     distill: list[str] = field(default_factory=list)
@@ -70,6 +73,10 @@ class RunConfig:
         for t, over in self.teachers.items():
             require(t in TASK_NAMES, f"teachers: unknown task {t!r}; tasks are {', '.join(TASK_NAMES)}")
             require(isinstance(over, list), f"teachers.{t} must be a list of key=value overrides")
+        for t, n in self.teacher_seeds.items():
+            require(t in TASK_NAMES, f"teacher_seeds: unknown task {t!r}; tasks are {', '.join(TASK_NAMES)}")
+            require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                    f"teacher_seeds.{t} must be a whole number >= 1, got {n!r}")
         require(self.eval_steps >= 0, "eval_steps must be >= 0")
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
@@ -144,8 +151,7 @@ class Pipeline:
     def stage_list(self):
         st = [("base", self.s_base)]
         for tk in TOY_TASKS:
-            st.append((f"teacher-{tk.name}", lambda tk=tk: self.s_grpo(f"teacher-{tk.name}", tk.teacher_config,
-                                                                       self.rc.teachers.get(tk.name, []))))
+            st.append((f"teacher-{tk.name}", lambda tk=tk: self.s_teacher(tk.name, tk.teacher_config)))
         st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", self.rc.grpo_mix)))
         st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
         st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))
@@ -160,12 +166,22 @@ class Pipeline:
     def s_base(self):
         self.publish("base", resolve_checkpoint(self.rc.base or "base"))
 
-    def s_grpo(self, model: str, config: str, extra: list[str]):
-        w = self.work(model)
+    def grpo_run(self, w: Path, config: str, extra: list[str]) -> Path:
         over = list(self.p["grpo"]) + list(self.rc.grpo) + list(extra)
         over.append(f"init={self.ckpt('base')}")
-        final = main_grpo(PACKAGED_CONFIGS / config, w, over, overwrite=True)
-        self.publish(model, final)
+        return main_grpo(PACKAGED_CONFIGS / config, w, over, overwrite=True)
+
+    def s_grpo(self, model: str, config: str, extra: list[str]):
+        self.publish(model, self.grpo_run(self.work(model), config, extra))
+
+    def s_teacher(self, task: str, config: str):
+        model, extra = f"teacher-{task}", list(self.rc.teachers.get(task, []))
+        n = self.rc.teacher_seeds.get(task, 1)
+        if n == 1:
+            return self.s_grpo(model, config, extra)
+        w = self.work(model)
+        finals = [self.grpo_run(w / f"seed{i}", config, [*extra, f"seed={i}"]) for i in range(n)]
+        self.publish(model, average_teachers(finals, w / "average", self.ckpt("base"), task))
 
     def teachers(self) -> dict[str, str]:
         return {t: str(self.ckpt(f"teacher-{t}")) for t in TASK_NAMES}
@@ -220,8 +236,9 @@ class Pipeline:
         """Training reward per task vs rollouts from each RL stage's train_log.jsonl."""
         out = {}
         for model in (*(f"teacher-{t}" for t in TASK_NAMES), "grpo-mix", "opd-merge"):
-            log = self.out / "work" / model / "train_log.jsonl"
-            cfg = self.out / "work" / model / "config.yaml"
+            d = self.out / "work" / model
+            d = d / "seed0" if (d / "seed0").is_dir() else d  # a teacher of several runs: the first run's
+            log, cfg = d / "train_log.jsonl", d / "config.yaml"
             if not log.is_file():
                 continue
             per_step = 1

@@ -63,3 +63,37 @@ def test_run_starts_every_stage_from_the_base_it_is_given(tmp_path):
         assert got == (want / "model.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match="not found"):
         RunConfig(base=str(tmp_path / "nowhere")).validate()
+
+
+def test_teacher_seeds_train_the_teacher_several_times_and_average_the_runs(tmp_path):
+    import torch
+
+    from flowopd.pipeline import Pipeline, RunConfig
+    from flowopd.tasks import TOY_TASKS
+    from flowopd.trainers.coldstart import load_teachers, read_teacher
+
+    p = Pipeline(tmp_path / "run", "quick", RunConfig(teacher_seeds={"compose": 2}))
+    p.s_base()
+    config = next(tk.teacher_config for tk in TOY_TASKS if tk.name == "compose")
+    p.s_teacher("compose", config)
+    base = p.ckpt("base")
+    d0, d1 = (read_teacher(tmp_path / "run" / "work" / "teacher-compose" / f"seed{i}", base).deltas() for i in (0, 1))
+    assert set(d0) == set(d1)
+    assert any(not torch.allclose(d0[k], d1[k]) for k in d0)  # the two seeds trained different teachers
+    t = read_teacher(p.ckpt("teacher-compose"), base)
+    assert t.kind == "lora" and t.tasks == ["compose"]  # its merged weights are base + its adapter
+    got = t.deltas()
+    assert set(got) == set(d0)
+    for k in d0:
+        torch.testing.assert_close(got[k], (d0[k] + d1[k]) / 2, rtol=1e-5, atol=1e-7)
+    assert list(load_teachers([str(p.ckpt("teacher-compose"))], base)) == ["compose"]
+
+
+@pytest.mark.parametrize("seeds, match", [({"nope": 2}, "unknown task"), ({"compose": 0}, "whole number"),
+                                          ({"text": 1.5}, "whole number")])
+def test_teacher_seeds_refuses_bad_values(seeds, match):
+    from flowopd.config import ConfigError
+    from flowopd.pipeline import RunConfig
+
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(teacher_seeds=seeds).validate()
