@@ -282,7 +282,8 @@ class Pipeline:
                 continue
             el = time.time() - self.t0
             left = sum(_weight(s) for s, _ in stages[k - 1:] if s == "report" or not self.done(s))
-            eta = f", estimate {_fmt(el / done_w * left)} left" if done_w else ""
+            # no estimate from the base stage alone: copying a checkpoint says nothing about training speed
+            eta = f", estimate {_fmt(el / done_w * left)} left" if done_w >= 1.0 else ""
             print(f"[stage {k}/{n}] {name} (elapsed {_fmt(el)}{eta})", file=sys.stderr, flush=True)
             t = time.time()
             fn()
