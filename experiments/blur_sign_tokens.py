@@ -17,15 +17,13 @@ training strings can undo some of it on new strings too.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from flowopd.backends.tiny import read_weights, resolve_checkpoint
 from flowopd.backends.tiny_model import Tokenizer
 
-from ema_share import write  # (beside this script: the checkpoint copy with new weights and meta)
+from ema_share import read_source, write  # (beside this script: the checkpoint read and written back)
 
 KEY = "text.tok.weight"
 
@@ -50,11 +48,7 @@ def main():
     args = ap.parse_args()
     if not 0 <= args.mix <= 1:
         ap.error("--mix must be in [0, 1]")
-    src = resolve_checkpoint(args.checkpoint)
-    cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("adapters"):
-        raise SystemExit(f"{args.checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
-    weights = read_weights(src / "model.safetensors")
+    src, cfg, weights = read_source(args.checkpoint)
     if KEY not in weights or weights[KEY].shape[0] != Tokenizer.size:
         raise SystemExit(f"{args.checkpoint}: no token embedding of {Tokenizer.size} rows ({KEY}): not a tiny-model checkpoint")
     meta = cfg.get("meta", {})

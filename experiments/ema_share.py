@@ -66,11 +66,7 @@ def main():
     if args.toward and args.keep is None:
         ap.error("--toward needs --keep")
 
-    src = resolve_checkpoint(args.checkpoint)
-    cfg = json.loads((src / "config.json").read_text())
-    weights = read_weights(src / "model.safetensors")
-    if cfg.get("adapters"):
-        raise SystemExit(f"{args.checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
+    src, cfg, weights = read_source(args.checkpoint)
     meta = cfg.get("meta", {})
     if args.toward:
         origin = read_weights(resolve_checkpoint(args.toward) / "model.safetensors")
@@ -102,6 +98,15 @@ def main():
         new = damped(weights, init, args.keep)  # what pretraining's `damp` key saves
         meta["ema_share"] = {"source": str(args.checkpoint), "keep": args.keep}
     write(src, args.out, cfg, meta, new)
+
+
+def read_source(checkpoint: str) -> tuple[Path, dict, dict]:
+    """A base checkpoint's directory, config.json and weights; one with LoRA adapters is refused."""
+    src = resolve_checkpoint(checkpoint)
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("adapters"):
+        raise SystemExit(f"{checkpoint}: a checkpoint with LoRA adapters; give the base it was trained on")
+    return src, cfg, read_weights(src / "model.safetensors")
 
 
 def write(src: Path, out: Path, cfg: dict, meta: dict, weights: dict) -> None:
