@@ -19,24 +19,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from flowopd.backends.tiny_model import Tokenizer
+from flowopd.trainers.pretrain import blur_sign_tokens
 
 from ema_share import read_source, write  # (beside this script: the checkpoint read and written back)
 
 KEY = "text.tok.weight"
-
-
-def blur(weights: dict, mix: float, seed: int) -> dict:
-    """weights with the sign characters' embedding rows mixed with seeded N(0, 1) vectors."""
-    out = dict(weights)
-    tok = weights[KEY].clone()
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(tok[Tokenizer.char_base:].shape, generator=g).to(tok.dtype)
-    tok[Tokenizer.char_base:] = (1 - mix) * tok[Tokenizer.char_base:] + mix * r
-    out[KEY] = tok
-    return out
 
 
 def main():
@@ -53,7 +41,7 @@ def main():
         raise SystemExit(f"{args.checkpoint}: no token embedding of {Tokenizer.size} rows ({KEY}): not a tiny-model checkpoint")
     meta = cfg.get("meta", {})
     meta["blur_sign_tokens"] = {"source": str(args.checkpoint), "mix": args.mix, "seed": args.seed}
-    write(src, args.out, cfg, meta, blur(weights, args.mix, args.seed))
+    write(src, args.out, cfg, meta, blur_sign_tokens(weights, args.mix, args.seed))
 
 
 if __name__ == "__main__":

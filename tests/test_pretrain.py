@@ -370,3 +370,44 @@ def test_damp_keeps_that_share_of_the_change_from_the_random_initial_weights(tmp
         load(PretrainConfig, None, ["damp=0"])
     with pytest.raises(ConfigError, match="text_init"):
         load(PretrainConfig, None, ["damp=0.5", "text_init=x.safetensors"])
+
+
+def test_sign_blur_moves_only_the_final_weights_sign_rows_once(tmp_path):
+    """sign_blur: the final weights are the unblurred ones with blur_sign_tokens applied (training is
+    the same); in a curriculum the stages stay as trained and only out/final is blurred, once."""
+    import json
+
+    import pytest
+
+    from flowopd.backends.tiny import read_weights
+    from flowopd.backends.tiny_model import Tokenizer
+    from flowopd.config import ConfigError, load
+    from flowopd.trainers.pretrain import PretrainConfig, blur_sign_tokens, pretrain
+
+    tiny = dict(steps=2, batch_size=4, dataset_size=8, channels=[8, 8, 8], state_every=0, warmup=1)
+    plain = read_weights(pretrain(PretrainConfig(**tiny), tmp_path / "plain") / "model.safetensors")
+    blurred = read_weights(pretrain(PretrainConfig(sign_blur=0.4, **tiny), tmp_path / "one") / "model.safetensors")
+    expect = blur_sign_tokens(plain, 0.4, 1234)
+    assert all(torch.equal(blurred[k], expect[k]) for k in plain)
+    cb = Tokenizer.char_base
+    assert not torch.equal(blurred["text.tok.weight"][cb:], plain["text.tok.weight"][cb:])
+    assert all(torch.equal(blurred[k], plain[k]) for k in plain if k != "text.tok.weight")
+    assert "sign_blur" not in json.loads((tmp_path / "plain" / "run.json").read_text())  # runs of before resume
+
+    cfg = PretrainConfig(sign_blur=0.4, sign_blur_seed=7, stages=[{"steps": 1}, {"steps": 1, "lr": 5e-4}],
+                         **{k: v for k, v in tiny.items() if k != "steps"})
+    final = pretrain(cfg, tmp_path / "staged")
+    last = read_weights(tmp_path / "staged" / "stage_1" / "final" / "model.safetensors")
+    got = read_weights(final / "model.safetensors")
+    expect = blur_sign_tokens(last, 0.4, 7)
+    assert all(torch.equal(got[k], expect[k]) for k in last)
+    # stage 1 started from stage 0's unblurred weights: stage 0's sign rows after one step at a small lr
+    # are far from the blurred ones
+    s0 = read_weights(tmp_path / "staged" / "stage_0" / "final" / "model.safetensors")["text.tok.weight"]
+    assert (last["text.tok.weight"][cb:] - s0[cb:]).abs().max() < (got["text.tok.weight"][cb:] - s0[cb:]).abs().max()
+    assert json.loads((final / "config.json").read_text())["meta"]["recipe"]["sign_blur"] == 0.4
+    with pytest.raises(ConfigError, match="may not set"):
+        load(PretrainConfig, None, ["stages=[{steps: 1, sign_blur: 0.3}]"])
+    with pytest.raises(ConfigError, match="sign_blur must be in"):
+        load(PretrainConfig, None, ["sign_blur=1.5"])
+

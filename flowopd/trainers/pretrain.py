@@ -13,8 +13,8 @@ The loop, top to bottom:
      rerun of the same command on the same --out resumes bit for bit (CPU);
      with `damp` < 1 the saved weights are damped toward random initial ones
 
-The shipped base (flowopd/checkpoints/base) was made by this loop with
-configs/toy_pretrain.yaml; its config.json records the recipe and the cost.
+The shipped base (flowopd/checkpoints/base) was made by this loop with the curriculum of
+configs/toy_pretrain.yaml (`stages`, then `sign_blur`); its config.json records the recipe and the cost.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, read_weights, save_checkpoint
@@ -113,6 +114,13 @@ class PretrainConfig:
     # learned still there, scaled (docs/experiments.md, twenty-second and twenty-third sessions). Like
     # every key, one set at the top of a curriculum holds in each stage: set it in the stage to damp
     damp: float = 1.0
+    # the final weights' sign-character token embeddings moved this share of the way to seeded random
+    # vectors, row <- (1 - sign_blur) row + sign_blur r (0: none). Only sign prompts hold character
+    # tokens, so every other prompt is computed exactly as before: it leaves signs mediocre and
+    # teachable without touching layouts (docs/experiments.md, twenty-fifth session). With a
+    # curriculum it is applied once, to out/final
+    sign_blur: float = 0.0
+    sign_blur_seed: int = 1234
     # a curriculum: run i trains with these keys over the ones above and continues from run i-1's final
     # weights (out/stage_i); [] is one run
     stages: list[dict] = field(default_factory=list)
@@ -139,6 +147,7 @@ class PretrainConfig:
             require(0 <= getattr(self, key) <= 0.5, f"{key} must be in [0, 0.5]")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
         require(0 < self.damp <= 1, "damp must be in (0, 1] (the share of the learned change to keep)")
+        require(0 <= self.sign_blur <= 1, "sign_blur must be in [0, 1] (the share of each sign token's row replaced)")
         require(self.damp == 1 or not self.text_init,
                 "damp scales the change from random initial weights: not for a prompt encoder from text_init")
         unknown = set(self.category_weights) - set(CATEGORIES)
@@ -150,11 +159,13 @@ class PretrainConfig:
             require(isinstance(st, dict), f"stages[{i}] must be a mapping of config keys")
             bad = set(st) & ({"stages", "init"} if i else {"stages"})
             require(not bad, f"stages[{i}] may not set {sorted(bad)} (a stage continues from the one before)")
+            bad = set(st) & {"sign_blur", "sign_blur_seed"}
+            require(not bad, f"stages[{i}] may not set {sorted(bad)} (set at the top: applied once, to the final weights)")
         self.stage_configs()  # builds, and so validates, each stage
 
     def stage_configs(self) -> list["PretrainConfig"]:
         """Each stage as a whole config (its keys over the top-level ones); [] without stages."""
-        top = {k: v for k, v in to_dict(self).items() if k != "stages"}
+        top = {k: v for k, v in to_dict(self).items() if k not in ("stages", "sign_blur", "sign_blur_seed")}
         return [build(PretrainConfig, {**top, **st}) for st in self.stages]
 
 
@@ -208,6 +219,19 @@ def damped(weights: dict, init: dict, keep: float) -> dict:
             for k, v in weights.items()}
 
 
+def blur_sign_tokens(weights: dict, mix: float, seed: int) -> dict:
+    """weights with the sign characters' token-embedding rows mixed with seeded N(0, 1) vectors:
+    row <- (1 - mix) row + mix r. Every other row (and tensor) is returned as it is."""
+    key = "text.tok.weight"
+    if key not in weights or weights[key].shape[0] != Tokenizer.size:
+        raise UserError(f"no token embedding of {Tokenizer.size} rows ({key}): not a tiny-model checkpoint")
+    tok = weights[key].clone()
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(tok[Tokenizer.char_base:].shape, generator=g).to(tok.dtype)
+    tok[Tokenizer.char_base:] = (1 - mix) * tok[Tokenizer.char_base:] + mix * r.to(tok.device)
+    return {**weights, key: tok}
+
+
 def initial_weights(model_cfg: TinyConfig, seed: int) -> dict:
     """The random weights a run from scratch with this model and seed starts from (seeded as pretrain
     seeds them), drawn without touching the caller's random state."""
@@ -232,6 +256,8 @@ def _identity(cfg: PretrainConfig) -> dict:
             del st["text_sigma_mean"]  # (likewise)
     if d.get("damp") == 1:
         del d["damp"]  # (likewise)
+    if not d.get("sign_blur"):
+        d.pop("sign_blur", None), d.pop("sign_blur_seed", None)  # (likewise)
     return d
 
 
@@ -423,6 +449,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, overwrite: bool = False) -> P
         backend = TinyBackend(copy.deepcopy(model), device, sampling)  # (a copy: the back end re-lays the model out)
         weights = {**model.state_dict(), **debiased_ema(shadow, init, cfg.ema_decay, sched.last_epoch)}
         weights = damped(weights, origin, cfg.damp)  # (damp 1: the weights as they are; origin None)
+        if name == "final" and cfg.sign_blur:
+            weights = blur_sign_tokens(weights, cfg.sign_blur, cfg.sign_blur_seed)
         save_checkpoint(backend, out / name, meta, weights)
 
     save_at = set(cfg.save_at)
@@ -491,6 +519,9 @@ def pretrain_stages(cfg: PretrainConfig, out: Path, overwrite: bool = False) -> 
     shutil.copytree(last, out / "final")
     ckpt = json.loads((last / "config.json").read_text())
     ckpt["meta"].update(step=steps, minutes=round(minutes, 2), recipe=to_dict(cfg))
+    if cfg.sign_blur:
+        weights = blur_sign_tokens(read_weights(last / "model.safetensors"), cfg.sign_blur, cfg.sign_blur_seed)
+        save_file(weights, str(out / "final" / "model.safetensors"))
     (out / "final" / "config.json").write_text(json.dumps(ckpt, indent=2))
     (out / "summary.json").write_text(json.dumps({"steps": steps, "minutes": round(minutes, 2),
                                                    "stages": len(cfg.stages)}))
