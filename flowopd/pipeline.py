@@ -46,7 +46,11 @@ PRESETS: dict[str, dict] = {
         "distill": ["steps=2", "prompts_per_step=3", "group_size=2", "sample_steps=4"],
         "eval": {"per_group": 2, "steps": 8},
     },
-    "full": {"grpo": [], "coldstart_sft": [], "distill": [], "eval": {"per_group": None, "steps": None}},
+    # the stage configs as packaged; the compose teacher is the mean of two runs (seeds 0 and 1: one run's
+    # gain spreads by +-0.03 from seed to seed, and the mean of two beats either); evaluation with 20 ODE
+    # steps (scores within about one standard error of 40 steps', in half the time: docs/experiments.md)
+    "full": {"grpo": [], "coldstart_sft": [], "distill": [], "teacher_seeds": {"compose": 2},
+             "eval": {"per_group": None, "steps": 20}},
 }
 
 
@@ -58,12 +62,12 @@ class RunConfig:
     grpo: list[str] = field(default_factory=list)
     teachers: dict = field(default_factory=dict)  # task -> overrides of its teacher's GRPO run only
     # task -> n: train that teacher n times (seed=0..n-1, each its full budget) and use the mean of
-    # the n runs' weight deltas as the teacher
+    # the n runs' weight deltas as the teacher; over the preset's ('full': compose 2), n = 1 for one run
     teacher_seeds: dict = field(default_factory=dict)
     grpo_mix: list[str] = field(default_factory=list)
     coldstart_sft: list[str] = field(default_factory=list)
     distill: list[str] = field(default_factory=list)
-    eval_steps: int = 0  # 0: the preset's (the checkpoint's default sampler for 'full')
+    eval_steps: int = 0  # 0: the preset's (20 ODE steps for 'full')
     eval_per_group: int = 0  # 0: the preset's (the whole test split for 'full')
     grid_seed: int = 0
 
@@ -81,16 +85,16 @@ class RunConfig:
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
 
-# Relative cost of each kind of stage, for the remaining-time estimate.
-WEIGHTS = {"base": 0.05, "teacher": 4.0, "grpo": 6.0, "coldstart-merge": 0.2, "coldstart-sft": 2.0,
-           "opd": 3.0, "eval": 1.5, "report": 0.5}
+# Relative cost of each stage, for the remaining-time estimate: the full preset's minutes on a 2-core CPU
+# (a teacher's per run; the longest prefix names the stage)
+WEIGHTS = {"base": 0.05, "teacher-compose": 17.0, "teacher-text": 13.6, "teacher-quality": 2.3, "teacher": 5.0,
+           "grpo": 20.5, "coldstart-merge": 0.1, "coldstart-sft": 1.3, "opd": 7.2, "eval": 1.0, "report": 0.5}
 
 
-def _weight(name: str) -> float:
-    for key in ("coldstart-merge", "coldstart-sft", "teacher", "grpo", "opd", "eval", "report", "base"):
-        if name.startswith(key):
-            return WEIGHTS[key]
-    return 1.0
+def _weight(name: str, runs: int = 1) -> float:
+    """name's weight; runs: how many runs make it (a teacher of several seeds)."""
+    key = max((k for k in WEIGHTS if name.startswith(k)), key=len, default=None)
+    return WEIGHTS[key] * runs if key else 1.0
 
 
 def _fmt(s: float) -> str:
@@ -176,12 +180,19 @@ class Pipeline:
 
     def s_teacher(self, task: str, config: str):
         model, extra = f"teacher-{task}", list(self.rc.teachers.get(task, []))
-        n = self.rc.teacher_seeds.get(task, 1)
+        n = self.seeds(task)
         if n == 1:
             return self.s_grpo(model, config, extra)
         w = self.work(model)
         finals = [self.grpo_run(w / f"seed{i}", config, [*extra, f"seed={i}"]) for i in range(n)]
         self.publish(model, average_teachers(finals, w / "average", self.ckpt("base"), task))
+
+    def seeds(self, task: str) -> int:
+        """How many runs make the task's teacher: the --config's teacher_seeds over the preset's."""
+        return {**self.p.get("teacher_seeds", {}), **self.rc.teacher_seeds}.get(task, 1)
+
+    def weight(self, stage: str) -> float:
+        return _weight(stage, self.seeds(stage[len("teacher-"):]) if stage.startswith("teacher-") else 1)
 
     def teachers(self) -> dict[str, str]:
         return {t: str(self.ckpt(f"teacher-{t}")) for t in TASK_NAMES}
@@ -281,14 +292,14 @@ class Pipeline:
                 print(f"[stage {k}/{n}] {name}: done earlier, skipped", file=sys.stderr)
                 continue
             el = time.time() - self.t0
-            left = sum(_weight(s) for s, _ in stages[k - 1:] if s == "report" or not self.done(s))
+            left = sum(self.weight(s) for s, _ in stages[k - 1:] if s == "report" or not self.done(s))
             # no estimate from the base stage alone: copying a checkpoint says nothing about training speed
             eta = f", estimate {_fmt(el / done_w * left)} left" if done_w >= 1.0 else ""
             print(f"[stage {k}/{n}] {name} (elapsed {_fmt(el)}{eta})", file=sys.stderr, flush=True)
             t = time.time()
             fn()
             self.finish(name, time.time() - t)
-            done_w += _weight(name)
+            done_w += self.weight(name)
         res = json.loads((self.out / "results.json").read_text())
         print(f"[done] {n} stages in {_fmt(time.time() - self.t0)}; results in {self.out}", file=sys.stderr)
         return res

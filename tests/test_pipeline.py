@@ -72,7 +72,9 @@ def test_teacher_seeds_train_the_teacher_several_times_and_average_the_runs(tmp_
     from flowopd.tasks import TOY_TASKS
     from flowopd.trainers.coldstart import load_teachers, read_teacher
 
-    p = Pipeline(tmp_path / "run", "quick", RunConfig(teacher_seeds={"compose": 2}))
+    # the dense reward: the strict one gives the quick preset's few 4-step rollouts no spread to learn from
+    rc = RunConfig(teacher_seeds={"compose": 2}, teachers={"compose": ["reward=compose"]})
+    p = Pipeline(tmp_path / "run", "quick", rc)
     p.s_base()
     config = next(tk.teacher_config for tk in TOY_TASKS if tk.name == "compose")
     p.s_teacher("compose", config)
@@ -87,6 +89,19 @@ def test_teacher_seeds_train_the_teacher_several_times_and_average_the_runs(tmp_
     for k in d0:
         torch.testing.assert_close(got[k], (d0[k] + d1[k]) / 2, rtol=1e-5, atol=1e-7)
     assert list(load_teachers([str(p.ckpt("teacher-compose"))], base)) == ["compose"]
+
+
+def test_the_full_preset_averages_two_compose_teachers_and_a_config_can_say_otherwise(tmp_path):
+    from flowopd.pipeline import Pipeline, RunConfig
+
+    full = Pipeline(tmp_path / "a", "full", RunConfig())
+    assert [full.seeds(t) for t in ("compose", "text", "quality")] == [2, 1, 1]
+    mine = Pipeline(tmp_path / "b", "full", RunConfig(teacher_seeds={"compose": 1, "text": 3}))
+    assert [mine.seeds(t) for t in ("compose", "text", "quality")] == [1, 3, 1]
+    assert Pipeline(tmp_path / "c", "quick", RunConfig()).seeds("compose") == 1
+    # the remaining-time estimate counts a teacher of two runs twice
+    assert full.weight("teacher-compose") == 2 * mine.weight("teacher-compose") > 0
+    assert full.weight("opd-merge-nomar") == full.weight("opd-sft") != full.weight("eval-opd-merge")
 
 
 @pytest.mark.parametrize("seeds, match", [({"nope": 2}, "unknown task"), ({"compose": 0}, "whole number"),

@@ -411,3 +411,16 @@ def test_sign_blur_moves_only_the_final_weights_sign_rows_once(tmp_path):
     with pytest.raises(ConfigError, match="sign_blur must be in"):
         load(PretrainConfig, None, ["sign_blur=1.5"])
 
+
+def test_the_shipped_base_records_the_packaged_recipe():
+    """flowopd/checkpoints/base's config.json holds configs/toy_pretrain.yaml as that recipe resolves."""
+    import json
+
+    from flowopd.backends.tiny import resolve_checkpoint
+    from flowopd.config import PACKAGED_CONFIGS, load, to_dict
+    from flowopd.trainers.pretrain import PretrainConfig
+
+    meta = json.loads((resolve_checkpoint("base") / "config.json").read_text())["meta"]
+    cfg = load(PretrainConfig, PACKAGED_CONFIGS / "toy_pretrain.yaml", [])
+    assert meta["recipe"] == to_dict(cfg)
+    assert meta["step"] == sum(st["steps"] for st in cfg.stages)
