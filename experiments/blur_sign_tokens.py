@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowopd.backends.tiny_model import Tokenizer
+from flowopd.errors import UserError
 from flowopd.trainers.pretrain import blur_sign_tokens
 
 from ema_share import read_source, write  # (beside this script: the checkpoint read and written back)
-
-KEY = "text.tok.weight"
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,11 +34,13 @@ def main():
     if not 0 <= args.mix <= 1:
         ap.error("--mix must be in [0, 1]")
     src, cfg, weights = read_source(args.checkpoint)
-    if KEY not in weights or weights[KEY].shape[0] != Tokenizer.size:
-        raise SystemExit(f"{args.checkpoint}: no token embedding of {Tokenizer.size} rows ({KEY}): not a tiny-model checkpoint")
+    try:
+        blurred = blur_sign_tokens(weights, args.mix, args.seed)  # (refuses a model without the token rows)
+    except UserError as e:
+        raise SystemExit(f"{args.checkpoint}: {e}") from None
     meta = cfg.get("meta", {})
     meta["blur_sign_tokens"] = {"source": str(args.checkpoint), "mix": args.mix, "seed": args.seed}
-    write(src, args.out, cfg, meta, blur_sign_tokens(weights, args.mix, args.seed))
+    write(src, args.out, cfg, meta, blurred)
 
 
 if __name__ == "__main__":
