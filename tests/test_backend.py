@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowopd.backends import CheckpointError, load_checkpoint
+from flowopd.config import ConfigError
 from flowopd.backends.tiny_model import MAX_TOKENS, Tokenizer
 from flowopd.sampling import sample_images
 
@@ -179,3 +180,15 @@ def test_without_pooled_text_the_prompt_reaches_the_image_only_through_cross_att
     # a config written before these options existed loads with them at their old behaviour
     assert TinyConfig.from_dict({"channels": [8, 8, 8]}).pooled_text is True
     assert TinyConfig.from_dict({"channels": [8, 8, 8]}).xattn_full is False
+
+
+def test_lora_targets_in_the_prompt_encoder_are_refused(tiny_backend):
+    # the prompt encoder's token table and its transformer layers (which run a fused path under
+    # no_grad that would skip the adapter) are not LoRA targets; the image model's layers are
+    with pytest.raises(ConfigError, match="prompt encoder"):
+        tiny_backend.add_adapter("t", rank=2, targets=["to_q", "tok"])
+    with pytest.raises(ConfigError, match="prompt encoder"):
+        tiny_backend.add_adapter("t", rank=2, targets=["linear1"])
+    assert tiny_backend.adapters == []
+    tiny_backend.add_adapter("t", rank=2, targets=["to_q", "conv1"])
+    assert tiny_backend.adapters == ["t"]

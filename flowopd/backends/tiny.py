@@ -47,6 +47,23 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return p
 
 
+def check_targets(model, targets) -> None:
+    """Refuse LoRA targets inside the prompt encoder (`text.`): like SD3's text encoders it stays
+    frozen, and two of its parts would not even see a LoRA: its transformer layers run PyTorch's fused
+    inference path under no_grad (which reads the weights directly, so rollouts would ignore the
+    adapter that training uses), and peft stores an Embedding's factors under keys that
+    flowopd.lora does not read."""
+    from ..config import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        inside = [n for n in names if (n == t or n.endswith("." + t)) and n.startswith("text.")]
+        if inside:
+            raise ConfigError(f"lora_targets: {t!r} matches {inside[0]!r} in the prompt encoder, which the "
+                              f"tiny back end keeps frozen; target the image model's layers "
+                              f"(default {LORA_TARGETS})")
+
+
 class TinyBackend:
     name = "tiny"
     # noise "auto" on one CPU process draws from one stream generator (what toy runs always drew)
@@ -94,6 +111,7 @@ class TinyBackend:
         contract's sake; the tiny back end leaves requires_grad to peft and the trainer)."""
         from peft import LoraConfig, get_peft_model  # peft imports transformers (heavy): only when adapters are used
 
+        check_targets(self.model, targets or LORA_TARGETS)
         cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets or LORA_TARGETS,
                          init_lora_weights=init, lora_dropout=0.0)
         if self._peft is None:
