@@ -211,9 +211,12 @@ def test_shipped_configs_parse():
     from flowopd.pipeline import PRESETS
 
     runs = PRESETS["full"]["teacher_seeds"]
-    assert runs == {"compose": 2}
+    assert runs == {}
     teachers = sum(runs.get(n, 1) * cfgs[n].rollout_budget() for n in ("compose", "text", "quality"))
-    assert cfgs["mix"].rollout_budget() == teachers
+    # at least the teachers' budget: 16384 rollouts, what the three teachers took when the compose
+    # teacher was two runs (one run's tail average replaced them at the same score)
+    assert cfgs["mix"].rollout_budget() == 16384 >= teachers == 12288
+    assert (cfgs["compose"].save_every, cfgs["compose"].tail_average) == (4, 5)
     assert cfgs["mix"].tasks == ["compose", "text", "quality"]
 
 
@@ -325,3 +328,28 @@ def test_nft_config_validation(bad, match):
         build(GRPOConfig, {}, [bad])
     with pytest.raises(ConfigError, match="sde_window"):
         build(GRPOConfig, {"objective": "nft", "sampler": "ode", "shared_noise": True})
+
+
+def test_tail_average_hands_on_the_mean_of_the_last_checkpoints(tiny_ckpt, tmp_path):
+    from flowopd.backends.tiny import read_weights
+
+    cfg = _cfg(tiny_ckpt, objective="nft", sampler="ode", steps=6, save_every=2, tail_average=3)
+    got = train_grpo(cfg, tmp_path / "tail")
+    out = tmp_path / "tail"
+    assert got == out / "average"
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000002", "step_000004"]
+    w = {n: read_weights(out / n / "model.safetensors") for n in ("step_000002", "step_000004", "final", "average")}
+    mean = {k: (w["step_000002"][k] + w["step_000004"][k] + w["final"][k]) / 3 for k in w["final"]}
+    assert any(not torch.equal(w["step_000004"][k], w["final"][k]) for k in mean)  # the run moved in between
+    for k in mean:  # base + mean of the deltas == mean of the weights
+        torch.testing.assert_close(w["average"][k], mean[k], rtol=1e-5, atol=1e-6)
+    meta = json.loads((out / "average" / "config.json").read_text())["meta"]
+    assert meta["recipe"]["tail_average"] == 3 and meta["recipe"]["tasks"] == ["quality"]
+    assert [p.rsplit("/", 1)[-1] for p in meta["runs"]] == ["step_000002", "step_000004", "final"]
+
+
+@pytest.mark.parametrize("over", [["tail_average=3"], ["tail_average=3", "save_every=4", "steps=8"],
+                                  ["tail_average=-1"]])
+def test_tail_average_needs_its_checkpoints(over):
+    with pytest.raises(ConfigError, match="tail_average"):
+        build(GRPOConfig, {}, over)

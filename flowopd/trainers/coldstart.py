@@ -260,15 +260,16 @@ def merge(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | 
     return save_dense_checkpoint(out, cfg.base, deltas, dict(meta, note="dense merge (a teacher is not a LoRA)"))
 
 
-def average_teachers(paths, out: str | Path, base: str | Path, task: str) -> Path:
-    """One teacher of `task` from several runs of its recipe (e.g. other seeds): the exact mean of
-    their weight deltas, saved as a teacher checkpoint (adapter `task`, recipe tasks [task]) that
-    the cold starts and `distill` read like any GRPO teacher."""
+def average_teachers(paths, out: str | Path, base: str | Path, task: str, recipe: dict | None = None) -> Path:
+    """One teacher of `task` from several runs of its recipe (e.g. other seeds, or one run's last
+    checkpoints): the exact mean of their weight deltas, saved as a teacher checkpoint (adapter
+    `task`; meta.recipe `recipe`, else {tasks: [task]}) that the cold starts and `distill` read like
+    any GRPO teacher."""
     require(len(paths) >= 1, "average_teachers needs at least one run")
     base_sd = base_state(base)
     ts = {f"run{i}": read_teacher(p, base, base_sd=base_sd) for i, p in enumerate(paths)}
     meta = {"trainer": "teacher_average", "runs": [str(t.path) for t in ts.values()],
-            "recipe": {"tasks": [task]}}
+            "recipe": recipe or {"tasks": [task]}}
     return merge(ts, ColdStartConfig(base=str(base), adapter_name=task), out, meta)
 
 

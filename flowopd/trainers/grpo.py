@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
 from .checkpointing import RunState, identity, prepare_out
+from .coldstart import average_teachers
 from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule,
                      resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
                      end_step, finish_run)
@@ -149,6 +151,10 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     device: str = "cpu"
     num_threads: int = 0             # torch CPU threads (0: torch's default)
     save_every: int = 0              # loadable checkpoint out/step_N every N iterations (0: only out/final)
+    # > 1: the run hands on out/average, the mean of the weight deltas of out/final and the last
+    # tail_average - 1 step_N checkpoints before it (save_every apart): the noise of the last iterate
+    # averages out as in a mean of several runs, at the cost of one (tiny back end)
+    tail_average: int = 0
     state_every: int = 1             # resumable state out/state every N iterations (0: only at the end)
     max_bad_steps: int = 5           # non-finite rewards / losses / gradients in a row before stopping
     max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
@@ -213,6 +219,12 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(self.save_every >= 0 and self.max_minutes >= 0 and self.log_every >= 1,
                 "save_every and max_minutes must be >= 0, log_every >= 1")
         require(self.state_every >= 0, "state_every must be >= 0")
+        require(self.tail_average >= 0, "tail_average must be >= 0")
+        if self.tail_average > 1:
+            require(self.backend != "sd3", "tail_average averages tiny checkpoints; the sd3 back end has none")
+            require(self.save_every >= 1 and (self.tail_average - 1) * self.save_every < self.steps,
+                    f"tail_average {self.tail_average} needs save_every >= 1 and {self.tail_average - 1} "
+                    f"step_N checkpoints before the final one (steps {self.steps}, save_every {self.save_every})")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
 
     # ---- derived -------------------------------------------------------------
@@ -459,8 +471,23 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
         if end_step(step, rec, cfg, r.t0, dist, r.evaluate, r.logger, r.save, r.run, bar):  # eval, log, save
             break
-    return finish_run(step, r.out, r.t0, dist, r.run, r.logger, r.save, r.params,
-                      {"rollouts": step * cfg.samples_per_step, "name": cfg.name})
+    final = finish_run(step, r.out, r.t0, dist, r.run, r.logger, r.save, r.params,
+                       {"rollouts": step * cfg.samples_per_step, "name": cfg.name})
+    if cfg.tail_average > 1 and dist.is_main:
+        return tail_average(cfg, r.out, final, step)
+    return final
+
+
+def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
+    """out/average: the mean of the weight deltas (over cfg.init) of `final` (at iteration `step`)
+    and the step_N checkpoints save_every apart before it, tail_average of them in all (fewer when a
+    run stopped early has fewer)."""
+    last = step - step % cfg.save_every if step % cfg.save_every else step - cfg.save_every
+    earlier = [out / f"step_{s:06d}" for s in range(last, 0, -cfg.save_every)][: cfg.tail_average - 1]
+    paths = [p for p in reversed(earlier) if p.is_dir()] + [final]
+    if len(paths) < cfg.tail_average:
+        warnings.warn(f"tail_average: {len(paths)} checkpoints to average, not {cfg.tail_average}")
+    return average_teachers(paths, out / "average", cfg.init, cfg.name, recipe=to_dict(cfg))
 
 
 @dataclass
