@@ -346,6 +346,12 @@ def test_tail_average_hands_on_the_mean_of_the_last_checkpoints(tiny_ckpt, tmp_p
     meta = json.loads((out / "average" / "config.json").read_text())["meta"]
     assert meta["recipe"]["tail_average"] == 3 and meta["recipe"]["tasks"] == ["quality"]
     assert [p.rsplit("/", 1)[-1] for p in meta["runs"]] == ["step_000002", "step_000004", "final"]
+    # a checkpoint another run left in --out is not averaged in
+    from flowopd.trainers.grpo import tail_average
+
+    other = _cfg(tiny_ckpt, objective="nft", sampler="ode", steps=6, save_every=2, tail_average=3, seed=1)
+    with pytest.warns(UserWarning, match="averaging 1 of the 3"):
+        tail_average(other, out, out / "final", 6)
 
 
 @pytest.mark.parametrize("over", [["tail_average=3"], ["tail_average=3", "save_every=4", "steps=8"],

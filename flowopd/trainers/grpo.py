@@ -478,15 +478,26 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     return final
 
 
+def _saved_by(ckpt: Path, step: int, recipe: dict) -> bool:
+    """ckpt is this run's checkpoint of iteration `step` (not one left in --out by another run)."""
+    try:
+        meta = json.loads((ckpt / "config.json").read_text()).get("meta") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("step") == step and meta.get("recipe") == recipe
+
+
 def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
     """out/average: the mean of the weight deltas (over cfg.init) of `final` (at iteration `step`)
     and the step_N checkpoints save_every apart before it, tail_average of them in all (fewer when a
     run stopped early has fewer)."""
     last = step - step % cfg.save_every if step % cfg.save_every else step - cfg.save_every
-    earlier = [out / f"step_{s:06d}" for s in range(last, 0, -cfg.save_every)][: cfg.tail_average - 1]
-    paths = [p for p in reversed(earlier) if p.is_dir()] + [final]
+    steps = list(range(last, 0, -cfg.save_every))[: cfg.tail_average - 1]
+    recipe = json.loads(json.dumps(to_dict(cfg)))
+    paths = [out / f"step_{s:06d}" for s in reversed(steps) if _saved_by(out / f"step_{s:06d}", s, recipe)] + [final]
     if len(paths) < cfg.tail_average:
-        warnings.warn(f"tail_average: {len(paths)} checkpoints to average, not {cfg.tail_average}")
+        warnings.warn(f"tail_average: averaging {len(paths)} of the {cfg.tail_average} checkpoints asked for "
+                      f"(the run stopped early, or a step_N in {out} is another run's)")
     return average_teachers(paths, out / "average", cfg.init, cfg.name, recipe=to_dict(cfg))
 
 
