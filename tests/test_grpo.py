@@ -211,12 +211,9 @@ def test_shipped_configs_parse():
     from flowopd.pipeline import PRESETS
 
     runs = PRESETS["full"]["teacher_seeds"]
-    assert runs == {}
+    assert runs == {"compose": 2}
     teachers = sum(runs.get(n, 1) * cfgs[n].rollout_budget() for n in ("compose", "text", "quality"))
-    # at least the teachers' budget: 16384 rollouts, what the three teachers took when the compose
-    # teacher was two runs (one run's tail average replaced them at the same score)
-    assert cfgs["mix"].rollout_budget() == 16384 >= teachers == 12288
-    assert (cfgs["compose"].save_every, cfgs["compose"].tail_average) == (4, 5)
+    assert cfgs["mix"].rollout_budget() == teachers
     assert cfgs["mix"].tasks == ["compose", "text", "quality"]
 
 

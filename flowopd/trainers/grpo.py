@@ -65,7 +65,7 @@ from ..backends.tiny import read_weights
 from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
-from .checkpointing import RunState, identity, prepare_out
+from .checkpointing import NOT_IDENTITY, RunState, identity, prepare_out
 from .coldstart import average_teachers
 from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule,
                      resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
@@ -478,13 +478,15 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     return final
 
 
-def _saved_by(ckpt: Path, step: int, recipe: dict) -> bool:
-    """ckpt is this run's checkpoint of iteration `step` (not one left in --out by another run)."""
+def _saved_by(ckpt: Path, step: int, ident: dict) -> bool:
+    """ckpt is this run's checkpoint of iteration `step`, not one left in --out by another run: its
+    recipe has this run's identity (the keys a resumed run may not change)."""
     try:
         meta = json.loads((ckpt / "config.json").read_text()).get("meta") or {}
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("step") == step and meta.get("recipe") == recipe
+    recipe = meta.get("recipe") or {}
+    return meta.get("step") == step and {k: v for k, v in recipe.items() if k not in NOT_IDENTITY} == ident
 
 
 def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
@@ -493,8 +495,8 @@ def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
     run stopped early has fewer)."""
     last = step - step % cfg.save_every if step % cfg.save_every else step - cfg.save_every
     steps = list(range(last, 0, -cfg.save_every))[: cfg.tail_average - 1]
-    recipe = json.loads(json.dumps(to_dict(cfg)))
-    paths = [out / f"step_{s:06d}" for s in reversed(steps) if _saved_by(out / f"step_{s:06d}", s, recipe)] + [final]
+    ident = identity(cfg)
+    paths = [out / f"step_{s:06d}" for s in reversed(steps) if _saved_by(out / f"step_{s:06d}", s, ident)] + [final]
     if len(paths) < cfg.tail_average:
         warnings.warn(f"tail_average: averaging {len(paths)} of the {cfg.tail_average} checkpoints asked for "
                       f"(the run stopped early, or a step_N in {out} is another run's)")
