@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
 from ..errors import CheckpointError
 from ..lora import Lora, lora_from_state_dict, lora_deltas, lora_to_state_dict
 from ..world.render import to_uint8
@@ -53,8 +54,6 @@ def check_targets(model, targets) -> None:
     inference path under no_grad (which reads the weights directly, so rollouts would ignore the
     adapter that training uses), and peft stores an Embedding's factors under keys that
     flowopd.lora does not read."""
-    from ..config import ConfigError
-
     names = [n for n, _ in model.named_modules()]
     for t in targets:
         inside = [n for n in names if (n == t or n.endswith("." + t)) and n.startswith("text.")]
