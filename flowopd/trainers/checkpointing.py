@@ -58,8 +58,9 @@ class NonFiniteError(UserError):
 
 
 def identity(cfg, **extra) -> dict:
-    """The config keys that define a run (resuming needs them unchanged), plus `extra`."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}
+    """The config keys that define a run (resuming needs them unchanged), plus `extra`. cfg: a config,
+    or its dict (a recipe read back from a checkpoint's meta)."""
+    d = {k: v for k, v in (cfg if isinstance(cfg, dict) else to_dict(cfg)).items() if k not in NOT_IDENTITY}
     return json.loads(json.dumps({**d, **extra}))  # what run.json will read back as
 
 

@@ -65,7 +65,7 @@ from ..backends.tiny import read_weights
 from ..parallel import noise_mode
 from ..prompt_sources import PromptSources
 from .sd3_teachers import setup_sd3_grpo
-from .checkpointing import NOT_IDENTITY, RunState, identity, prepare_out
+from .checkpointing import RunState, identity, prepare_out
 from .coldstart import average_teachers
 from .common import (EMA, Accumulation, Evaluator, LoopParts, ModelKeys, add_trained_adapter, check_schedule,
                      resolve_backend_keys, rollout_batch, schedule_counts, start_run, task_counts,
@@ -485,15 +485,14 @@ def _saved_by(ckpt: Path, step: int, ident: dict) -> bool:
         meta = json.loads((ckpt / "config.json").read_text()).get("meta") or {}
     except (OSError, json.JSONDecodeError):
         return False
-    recipe = meta.get("recipe") or {}
-    return meta.get("step") == step and {k: v for k, v in recipe.items() if k not in NOT_IDENTITY} == ident
+    return meta.get("step") == step and identity(meta.get("recipe") or {}) == ident
 
 
 def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
     """out/average: the mean of the weight deltas (over cfg.init) of `final` (at iteration `step`)
     and the step_N checkpoints save_every apart before it, tail_average of them in all (fewer when a
     run stopped early has fewer)."""
-    last = step - step % cfg.save_every if step % cfg.save_every else step - cfg.save_every
+    last = (step - 1) // cfg.save_every * cfg.save_every  # the last save_every multiple before `step`
     steps = list(range(last, 0, -cfg.save_every))[: cfg.tail_average - 1]
     ident = identity(cfg)
     paths = [out / f"step_{s:06d}" for s in reversed(steps) if _saved_by(out / f"step_{s:06d}", s, ident)] + [final]
