@@ -40,16 +40,16 @@ from .trainers.opd import main_distill
 # Per-preset overrides of each stage's config (key=value, as on the command line).
 PRESETS: dict[str, dict] = {
     "quick": {
-        "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4"],
+        "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4", "save_every=0", "tail_average=0"],
         "coldstart_sft": ["sft_prompts_per_task=2", "sft_candidates=2", "sft_sample_steps=4", "sft_steps=4",
                           "sft_batch=4"],
         "distill": ["steps=2", "prompts_per_step=3", "group_size=2", "sample_steps=4"],
         "eval": {"per_group": 2, "steps": 8},
     },
-    # the stage configs as packaged; the compose teacher is the mean of two runs (seeds 0 and 1: one run's
-    # gain spreads by +-0.03 from seed to seed, and the mean of two beats either); evaluation with 20 ODE
-    # steps (scores within about one standard error of 40 steps', in half the time: docs/experiments.md)
-    "full": {"grpo": [], "coldstart_sft": [], "distill": [], "teacher_seeds": {"compose": 2},
+    # the stage configs as packaged (the compose teacher: one run's tail average, see its config);
+    # evaluation with 20 ODE steps (scores within about one standard error of 40 steps', in half the
+    # time: docs/experiments.md)
+    "full": {"grpo": [], "coldstart_sft": [], "distill": [], "teacher_seeds": {},
              "eval": {"per_group": None, "steps": 20}},
 }
 
@@ -62,7 +62,7 @@ class RunConfig:
     grpo: list[str] = field(default_factory=list)
     teachers: dict = field(default_factory=dict)  # task -> overrides of its teacher's GRPO run only
     # task -> n: train that teacher n times (seed=0..n-1, each its full budget) and use the mean of
-    # the n runs' weight deltas as the teacher; over the preset's ('full': compose 2), n = 1 for one run
+    # the n runs' weight deltas as the teacher; over the preset's (none), n = 1 for one run
     teacher_seeds: dict = field(default_factory=dict)
     grpo_mix: list[str] = field(default_factory=list)
     coldstart_sft: list[str] = field(default_factory=list)

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,14 +209,16 @@ def test_shipped_configs_parse():
     root = Path(__file__).resolve().parents[1] / "configs"
     cfgs = {n: build(GRPOConfig, yaml.safe_load((root / f"toy_grpo_{n}.yaml").read_text()))
             for n in ("compose", "text", "quality", "mix")}
-    # GRPO-Mix gets the teachers' budget as the full preset trains them (the compose teacher twice)
+    # GRPO-Mix gets the teachers' budget as the full preset trains them (a teacher of n runs n times)
     from flowopd.pipeline import PRESETS
 
     runs = PRESETS["full"]["teacher_seeds"]
-    assert runs == {"compose": 2}
     teachers = sum(runs.get(n, 1) * cfgs[n].rollout_budget() for n in ("compose", "text", "quality"))
     assert cfgs["mix"].rollout_budget() == teachers
     assert cfgs["mix"].tasks == ["compose", "text", "quality"]
+    # the compose teacher is its run's tail average, compressed to the run's LoRA rank
+    c = cfgs["compose"]
+    assert c.tail_average > 1 and c.average_rank == c.lora_rank and (c.tail_average - 1) * c.save_every < c.steps
 
 
 def test_categories_restrict_compose_prompts_only():
@@ -349,10 +353,32 @@ def test_tail_average_hands_on_the_mean_of_the_last_checkpoints(tiny_ckpt, tmp_p
     other = _cfg(tiny_ckpt, objective="nft", sampler="ode", steps=6, save_every=2, tail_average=3, seed=1)
     with pytest.warns(UserWarning, match="averaging 1 of the 3"):
         tail_average(other, out, out / "final", 6)
+    # average_rank: the mean compressed to a LoRA of that rank by SVD. At the summed rank of the three
+    # checkpoints the compression is exact; at rank 1 each module's factors have rank 1 and the recorded
+    # residual is the measured relative error of the deltas.
+    from flowopd.trainers.coldstart import read_teacher
+
+    base_w = read_weights(Path(cfg.init) / "model.safetensors")
+    exact = {k: w["average"][k] - base_w[k] for k in base_w}
+    run_cfg = build(GRPOConfig, meta["recipe"])  # the run's resolved config (shift, eval_steps from the init)
+    for r in (3 * cfg.lora_rank, 1):
+        got = tail_average(dataclasses.replace(run_cfg, average_rank=r), out, out / "final", 6)
+        t = read_teacher(got, cfg.init)
+        assert t.kind == "lora" and t.rank == r
+        d = t.deltas()
+        if r > 1:
+            for k in d:
+                torch.testing.assert_close(d[k], exact[k], rtol=1e-4, atol=1e-6)
+        else:
+            assert all(A.shape[0] == 1 and B.shape[1] == 1 for A, B in t.lora.values())
+            err = sum(float(((d[k] - exact[k]) ** 2).sum()) for k in d) ** 0.5
+            tot = sum(float((exact[k] ** 2).sum()) for k in d) ** 0.5
+            meta = json.loads((got / "config.json").read_text())["meta"]
+            assert 0 < meta["svd_residual"] < 1 and meta["svd_residual"] == pytest.approx(err / tot, rel=1e-3)
 
 
 @pytest.mark.parametrize("over", [["tail_average=3"], ["tail_average=3", "save_every=4", "steps=8"],
-                                  ["tail_average=-1"]])
+                                  ["tail_average=-1"], ["tail_average=3", "save_every=2", "steps=8", "average_rank=-1"]])
 def test_tail_average_needs_its_checkpoints(over):
-    with pytest.raises(ConfigError, match="tail_average"):
+    with pytest.raises(ConfigError, match="average_rank" if "average_rank=-1" in over else "tail_average"):
         build(GRPOConfig, {}, over)

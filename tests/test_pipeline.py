@@ -91,16 +91,16 @@ def test_teacher_seeds_train_the_teacher_several_times_and_average_the_runs(tmp_
     assert list(load_teachers([str(p.ckpt("teacher-compose"))], base)) == ["compose"]
 
 
-def test_the_full_preset_averages_two_compose_teachers_and_a_config_can_say_otherwise(tmp_path):
+def test_the_full_preset_trains_each_teacher_once_and_a_config_can_say_otherwise(tmp_path):
     from flowopd.pipeline import Pipeline, RunConfig
 
     full = Pipeline(tmp_path / "a", "full", RunConfig())
-    assert [full.seeds(t) for t in ("compose", "text", "quality")] == [2, 1, 1]
-    mine = Pipeline(tmp_path / "b", "full", RunConfig(teacher_seeds={"compose": 1, "text": 3}))
-    assert [mine.seeds(t) for t in ("compose", "text", "quality")] == [1, 3, 1]
+    assert [full.seeds(t) for t in ("compose", "text", "quality")] == [1, 1, 1]
+    mine = Pipeline(tmp_path / "b", "full", RunConfig(teacher_seeds={"compose": 2, "text": 3}))
+    assert [mine.seeds(t) for t in ("compose", "text", "quality")] == [2, 3, 1]
     assert Pipeline(tmp_path / "c", "quick", RunConfig()).seeds("compose") == 1
     # the remaining-time estimate counts a teacher of two runs twice
-    assert full.weight("teacher-compose") == 2 * mine.weight("teacher-compose") > 0
+    assert mine.weight("teacher-compose") == 2 * full.weight("teacher-compose") > 0
     assert full.weight("opd-merge-nomar") == full.weight("opd-sft") != full.weight("eval-opd-merge")
 
 

@@ -49,7 +49,7 @@ from ..state import (check_out_dir, latest_state, optimizer_from_flat, optimizer
 KEEP = 2  # complete states kept on disk: the newest, and the one before in case the newest is damaged
 
 # config keys that do not change what a run computes: a rerun may change them and still resume
-NOT_IDENTITY = ("steps", "sft_steps", "max_minutes", "log_every", "save_every", "tail_average", "state_every",
+NOT_IDENTITY = ("steps", "sft_steps", "max_minutes", "log_every", "save_every", "tail_average", "average_rank", "state_every",
                 "max_bad_steps", "device", "num_threads")
 
 

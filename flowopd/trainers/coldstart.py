@@ -260,17 +260,31 @@ def merge(teachers: dict[str, TeacherWeights], cfg: ColdStartConfig, out: str | 
     return save_dense_checkpoint(out, cfg.base, deltas, dict(meta, note="dense merge (a teacher is not a LoRA)"))
 
 
-def average_teachers(paths, out: str | Path, base: str | Path, task: str, recipe: dict | None = None) -> Path:
+def average_teachers(paths, out: str | Path, base: str | Path, task: str, recipe: dict | None = None,
+                     rank: int = 0) -> Path:
     """One teacher of `task` from several runs of its recipe (e.g. other seeds, or one run's last
-    checkpoints): the exact mean of their weight deltas, saved as a teacher checkpoint (adapter
-    `task`; meta.recipe `recipe`, else {tasks: [task]}) that the cold starts and `distill` read like
-    any GRPO teacher."""
+    checkpoints): the mean of their weight deltas, saved as a teacher checkpoint (adapter `task`;
+    meta.recipe `recipe`, else {tasks: [task]}) that the cold starts and `distill` read like any GRPO
+    teacher. rank 0: the exact mean (LoRA runs give a LoRA of the summed ranks); rank > 0 (LoRA runs):
+    the best rank-`rank` LoRA of that mean by truncated SVD (meta.svd_residual: its relative error),
+    so that a merge of teachers, and the student started from it, keeps a small rank."""
     require(len(paths) >= 1, "average_teachers needs at least one run")
+    require(rank >= 0, f"rank must be >= 0, got {rank}")
     base_sd = base_state(base)
     ts = {f"run{i}": read_teacher(p, base, base_sd=base_sd) for i, p in enumerate(paths)}
     meta = {"trainer": "teacher_average", "runs": [str(t.path) for t in ts.values()],
             "recipe": recipe or {"tasks": [task]}}
-    return merge(ts, ColdStartConfig(base=str(base), adapter_name=task), out, meta)
+    if rank == 0:
+        return merge(ts, ColdStartConfig(base=str(base), adapter_name=task), out, meta)
+    require(all(t.kind == "lora" for t in ts.values()), "a rank for the average needs LoRA runs (a run here is dense)")
+    deltas: dict[str, Tensor] = {}
+    for t in ts.values():
+        for k, d in t.deltas().items():
+            deltas[k] = deltas.get(k, 0.0) + d / len(ts)
+    lora, resid = svd_lora(deltas, [k[: -len(".weight")] for k in deltas], rank)
+    targets = sorted(set().union(*[t.targets for t in ts.values()]))
+    meta = dict(meta, svd_rank=rank, svd_residual=resid)
+    return save_lora_checkpoint(out, base, task, lora, rank, float(rank), targets, meta)
 
 
 # ----------------------------------------------------------------------------- sft

@@ -155,6 +155,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     # tail_average - 1 step_N checkpoints before it (save_every apart): the noise of the last iterate
     # averages out as in a mean of several runs, at the cost of one (tiny back end)
     tail_average: int = 0
+    average_rank: int = 0            # > 0: out/average compressed to a LoRA of this rank (SVD); 0: exact
     state_every: int = 1             # resumable state out/state every N iterations (0: only at the end)
     max_bad_steps: int = 5           # non-finite rewards / losses / gradients in a row before stopping
     max_minutes: float = 0.0         # 0: no limit; else stop (and save) after this long
@@ -220,6 +221,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
                 "save_every and max_minutes must be >= 0, log_every >= 1")
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.tail_average >= 0, "tail_average must be >= 0")
+        require(self.average_rank >= 0, "average_rank must be >= 0 (0: the exact mean)")
         if self.tail_average > 1:
             require(self.backend != "sd3", "tail_average averages tiny checkpoints; the sd3 back end has none")
             require(self.save_every >= 1 and (self.tail_average - 1) * self.save_every < self.steps,
@@ -499,7 +501,7 @@ def tail_average(cfg: GRPOConfig, out: Path, final: Path, step: int) -> Path:
     if len(paths) < cfg.tail_average:
         warnings.warn(f"tail_average: averaging {len(paths)} of the {cfg.tail_average} checkpoints asked for "
                       f"(the run stopped early, or a step_N in {out} is another run's)")
-    return average_teachers(paths, out / "average", cfg.init, cfg.name, recipe=to_dict(cfg))
+    return average_teachers(paths, out / "average", cfg.init, cfg.name, recipe=to_dict(cfg), rank=cfg.average_rank)
 
 
 @dataclass
