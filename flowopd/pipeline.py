@@ -87,8 +87,8 @@ class RunConfig:
 
 # Relative cost of each stage, for the remaining-time estimate: the full preset's minutes on a 2-core CPU
 # (a teacher's per run; the longest prefix names the stage)
-WEIGHTS = {"base": 0.05, "teacher-compose": 17.0, "teacher-text": 13.6, "teacher-quality": 2.3, "teacher": 5.0,
-           "grpo": 20.5, "coldstart-merge": 0.1, "coldstart-sft": 1.3, "opd": 7.2, "eval": 1.0, "report": 0.5}
+WEIGHTS = {"base": 0.05, "teacher-compose": 17.4, "teacher-text": 14.6, "teacher-quality": 2.5, "teacher": 5.0,
+           "grpo": 15.5, "coldstart-merge": 0.1, "coldstart-sft": 1.4, "opd": 7.5, "eval": 1.1, "report": 0.5}
 
 
 def _weight(name: str, runs: int = 1) -> float:
