@@ -40,7 +40,8 @@ from .trainers.opd import main_distill
 # Per-preset overrides of each stage's config (key=value, as on the command line).
 PRESETS: dict[str, dict] = {
     "quick": {
-        "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4", "save_every=0", "tail_average=0"],
+        "grpo": ["steps=2", "prompts_per_step=2", "group_size=2", "sample_steps=4", "save_every=0", "tail_average=0",
+                 "average_rank=0"],
         "coldstart_sft": ["sft_prompts_per_task=2", "sft_candidates=2", "sft_sample_steps=4", "sft_steps=4",
                           "sft_batch=4"],
         "distill": ["steps=2", "prompts_per_step=3", "group_size=2", "sample_steps=4"],

@@ -222,6 +222,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(self.state_every >= 0, "state_every must be >= 0")
         require(self.tail_average >= 0, "tail_average must be >= 0")
         require(self.average_rank >= 0, "average_rank must be >= 0 (0: the exact mean)")
+        require(self.average_rank == 0 or self.tail_average > 1,
+                "average_rank compresses the tail average: set tail_average (and save_every) too")
         if self.tail_average > 1:
             require(self.backend != "sd3", "tail_average averages tiny checkpoints; the sd3 back end has none")
             require(self.save_every >= 1 and (self.tail_average - 1) * self.save_every < self.steps,
