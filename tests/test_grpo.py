@@ -379,7 +379,8 @@ def test_tail_average_hands_on_the_mean_of_the_last_checkpoints(tiny_ckpt, tmp_p
 
 @pytest.mark.parametrize("over", [["tail_average=3"], ["tail_average=3", "save_every=4", "steps=8"],
                                   ["tail_average=-1"], ["tail_average=3", "save_every=2", "steps=8", "average_rank=-1"],
-                                  ["average_rank=8"]])
+                                  ["average_rank=8"],
+                                  ["tail_average=3", "save_every=2", "steps=8", "average_rank=8", "finetune=full"]])
 def test_tail_average_needs_its_checkpoints(over):
     with pytest.raises(ConfigError, match="average_rank" if any("average_rank" in o for o in over) else "tail_average"):
         build(GRPOConfig, {}, over)

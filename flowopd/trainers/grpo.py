@@ -224,6 +224,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(self.average_rank >= 0, "average_rank must be >= 0 (0: the exact mean)")
         require(self.average_rank == 0 or self.tail_average > 1,
                 "average_rank compresses the tail average: set tail_average (and save_every) too")
+        require(self.average_rank == 0 or self.finetune == "lora",
+                "average_rank compresses LoRA checkpoints: it needs finetune=lora")
         if self.tail_average > 1:
             require(self.backend != "sd3", "tail_average averages tiny checkpoints; the sd3 back end has none")
             require(self.save_every >= 1 and (self.tail_average - 1) * self.save_every < self.steps,
