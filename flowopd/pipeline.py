@@ -34,7 +34,8 @@ from .report import MODELS, write_report
 from .sampling import sample_images
 from .tasks import TASK_NAMES, TOY_TASKS
 from .trainers.coldstart import average_teachers, main_coldstart
-from .trainers.grpo import main_grpo
+from .trainers.grpo import GRPOConfig, main_grpo
+from .trainers.opd import load_config as load_opd_config
 from .trainers.opd import main_distill
 
 # Per-preset overrides of each stage's config (key=value, as on the command line).
@@ -85,6 +86,10 @@ class RunConfig:
         require(self.eval_steps >= 0, "eval_steps must be >= 0")
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
+
+# The three students: (model, packaged config, extra overrides)
+OPD_STAGES = (("opd-merge", "toy_opd_merge.yaml", []), ("opd-sft", "toy_opd_sft.yaml", []),
+              ("opd-merge-nomar", "toy_opd_merge.yaml", ["beta=0"]))
 
 # Relative cost of each stage, for the remaining-time estimate: the full preset's minutes on a 2-core CPU
 # (a teacher's per run; the longest prefix names the stage)
@@ -156,13 +161,12 @@ class Pipeline:
     def stage_list(self):
         st = [("base", self.s_base)]
         for tk in TOY_TASKS:
-            st.append((f"teacher-{tk.name}", lambda tk=tk: self.s_teacher(tk.name, tk.teacher_config)))
-        st.append(("grpo-mix", lambda: self.s_grpo("grpo-mix", "toy_grpo_mix.yaml", self.rc.grpo_mix)))
+            st.append((f"teacher-{tk.name}", lambda t=tk.name: self.s_teacher(t)))
+        st.append(("grpo-mix", lambda: self.s_trained("grpo-mix")))
         st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
         st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))
-        st.append(("opd-merge", lambda: self.s_opd("opd-merge", "toy_opd_merge.yaml", [])))
-        st.append(("opd-sft", lambda: self.s_opd("opd-sft", "toy_opd_sft.yaml", [])))
-        st.append(("opd-merge-nomar", lambda: self.s_opd("opd-merge-nomar", "toy_opd_merge.yaml", ["beta=0"])))
+        for model, _, _ in OPD_STAGES:
+            st.append((model, lambda m=model: self.s_trained(m)))
         for m in MODELS:
             st.append((f"eval-{m}", lambda m=m: self.s_eval(m)))
         st.append(("report", self.s_report))
@@ -171,21 +175,52 @@ class Pipeline:
     def s_base(self):
         self.publish("base", resolve_checkpoint(self.rc.base or "base"))
 
-    def grpo_run(self, w: Path, config: str, extra: list[str]) -> Path:
-        over = list(self.p["grpo"]) + list(self.rc.grpo) + list(extra)
-        over.append(f"init={self.ckpt('base')}")
-        return main_grpo(PACKAGED_CONFIGS / config, w, over, overwrite=True)
+    def trainer_configs(self) -> dict[str, tuple[str, Path, list[str]]]:
+        """Every GRPO and OPD run of the pipeline, keyed by its work folder under OUT/work (a teacher
+        of several runs: teacher-TASK/seedI): (trainer, packaged config, key=value overrides).
+        The stages run exactly these; `trainer_config` resolves one without running it."""
+        out: dict[str, tuple[str, Path, list[str]]] = {}
 
-    def s_grpo(self, model: str, config: str, extra: list[str]):
-        self.publish(model, self.grpo_run(self.work(model), config, extra))
+        def grpo(key: str, config: str, extra: list[str]):
+            over = [*self.p["grpo"], *self.rc.grpo, *extra, f"init={self.ckpt('base')}"]
+            out[key] = ("grpo", PACKAGED_CONFIGS / config, over)
 
-    def s_teacher(self, task: str, config: str):
-        model, extra = f"teacher-{task}", list(self.rc.teachers.get(task, []))
-        n = self.seeds(task)
+        for tk in TOY_TASKS:
+            extra, n = list(self.rc.teachers.get(tk.name, [])), self.seeds(tk.name)
+            if n == 1:
+                grpo(f"teacher-{tk.name}", tk.teacher_config, extra)
+            else:
+                for i in range(n):
+                    grpo(f"teacher-{tk.name}/seed{i}", tk.teacher_config, [*extra, f"seed={i}"])
+        grpo("grpo-mix", "toy_grpo_mix.yaml", list(self.rc.grpo_mix))
+        for model, config, extra in OPD_STAGES:
+            init = "coldstart-sft" if "sft" in model else "coldstart-merge"
+            over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
+            over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
+            over += list(self.p["distill"]) + list(self.rc.distill) + extra
+            out[model] = ("distill", PACKAGED_CONFIGS / config, over)
+        return out
+
+    def trainer_config(self, key: str):
+        """The resolved config (GRPOConfig or OPDConfig) of one of trainer_configs()."""
+        kind, path, over = self.trainer_configs()[key]
+        return load(GRPOConfig, path, over) if kind == "grpo" else load_opd_config(path, over)
+
+    def train(self, key: str) -> Path:
+        kind, path, over = self.trainer_configs()[key]
+        main = main_grpo if kind == "grpo" else main_distill
+        return main(path, self.out / "work" / key, over, overwrite=True)
+
+    def s_trained(self, model: str):
+        self.work(model)
+        self.publish(model, self.train(model))
+
+    def s_teacher(self, task: str):
+        model, n = f"teacher-{task}", self.seeds(task)
         if n == 1:
-            return self.s_grpo(model, config, extra)
+            return self.s_trained(model)
         w = self.work(model)
-        finals = [self.grpo_run(w / f"seed{i}", config, [*extra, f"seed={i}"]) for i in range(n)]
+        finals = [self.train(f"{model}/seed{i}") for i in range(n)]
         self.publish(model, average_teachers(finals, w / "average", self.ckpt("base"), task))
 
     def seeds(self, task: str) -> int:
@@ -205,15 +240,6 @@ class Pipeline:
             over += list(self.p["coldstart_sft"]) + list(self.rc.coldstart_sft)
         final = main_coldstart(method, [f"{t}={d}" for t, d in self.teachers().items()], w, over, overwrite=True)
         self.publish(f"coldstart-{method}", final)
-
-    def s_opd(self, model: str, config: str, extra: list[str]):
-        w = self.work(model)
-        init = "coldstart-sft" if "sft" in model else "coldstart-merge"
-        over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
-        over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
-        over += list(self.p["distill"]) + list(self.rc.distill) + extra
-        final = main_distill(PACKAGED_CONFIGS / config, w, over, overwrite=True)
-        self.publish(model, final)
 
     def eval_args(self) -> dict:
         e = dict(self.p["eval"])

@@ -311,7 +311,7 @@ def test_pipeline_stage_killed_mid_training_resumes_from_its_state(tmp_path, mon
     def stage(out):
         p = Pipeline(out, "quick", RunConfig())
         p.s_base()
-        p.s_grpo("teacher-quality", "toy_grpo_quality.yaml", [])
+        p.s_teacher("quality")
         return out / "checkpoints" / "teacher-quality"
 
     ref = stage(tmp_path / "ref")

@@ -69,15 +69,15 @@ def test_teacher_seeds_train_the_teacher_several_times_and_average_the_runs(tmp_
     import torch
 
     from flowopd.pipeline import Pipeline, RunConfig
-    from flowopd.tasks import TOY_TASKS
     from flowopd.trainers.coldstart import load_teachers, read_teacher
 
     # the dense reward: the strict one gives the quick preset's few 4-step rollouts no spread to learn from
     rc = RunConfig(teacher_seeds={"compose": 2}, teachers={"compose": ["reward=compose"]})
     p = Pipeline(tmp_path / "run", "quick", rc)
     p.s_base()
-    config = next(tk.teacher_config for tk in TOY_TASKS if tk.name == "compose")
-    p.s_teacher("compose", config)
+    assert [k for k in p.trainer_configs() if k.startswith("teacher-compose")] == [
+        "teacher-compose/seed0", "teacher-compose/seed1"]
+    p.s_teacher("compose")
     base = p.ckpt("base")
     d0, d1 = (read_teacher(tmp_path / "run" / "work" / "teacher-compose" / f"seed{i}", base).deltas() for i in (0, 1))
     assert set(d0) == set(d1)
@@ -112,3 +112,36 @@ def test_teacher_seeds_refuses_bad_values(seeds, match):
 
     with pytest.raises(ConfigError, match=match):
         RunConfig(teacher_seeds=seeds).validate()
+
+
+# Keys a trainer fills in at run time (from the base checkpoint's sampling settings and the eval
+# defaults): None in a resolved config, their values in the config.yaml a run writes.
+RUNTIME_KEYS = {"shift", "eval_steps"}
+
+
+@pytest.mark.parametrize("table, run_config", [("pipeline_full", None),
+                                               ("pipeline_budget30", "experiments/configs/run_budget30.yaml")])
+def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, run_config):
+    """README's table (pipeline_full: the packaged configs, `flowopd run --preset full`) and the
+    cheaper recipe's (its run config) keep each training stage's config.yaml as the run wrote it, its
+    folder written as OUT: resolving the same command today must give the same configs, so a change
+    to a packaged config or to the pipeline that would change the published numbers fails here."""
+    from pathlib import Path
+
+    import yaml
+
+    from flowopd.config import load, to_dict
+    from flowopd.pipeline import Pipeline, RunConfig
+
+    root = Path(__file__).resolve().parents[1]
+    d = root / "experiments" / "results" / table / "configs"
+    rc = load(RunConfig, root / run_config) if run_config else RunConfig()
+    p = Pipeline(Path("OUT"), "full", rc)
+    assert sorted(p.trainer_configs()) == sorted(f.stem for f in d.glob("*.yaml"))
+    for stage in p.trainer_configs():
+        want = yaml.safe_load((d / f"{stage}.yaml").read_text())
+        got = to_dict(p.trainer_config(stage))
+        assert set(got) == set(want), stage
+        diff = {k: (got[k], want[k]) for k in got if got[k] != want[k] and k not in RUNTIME_KEYS}
+        assert not diff, (stage, diff)
+        assert all(got[k] is None for k in RUNTIME_KEYS), stage
