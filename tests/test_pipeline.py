@@ -114,8 +114,8 @@ def test_teacher_seeds_refuses_bad_values(seeds, match):
         RunConfig(teacher_seeds=seeds).validate()
 
 
-# Keys a trainer fills in at run time (from the base checkpoint's sampling settings and the eval
-# defaults): None in a resolved config, their values in the config.yaml a run writes.
+# Keys a trainer fills in at run time from the back end's sampling defaults (resolve_backend_keys):
+# None in a resolved config, their values in the config.yaml a run writes.
 RUNTIME_KEYS = {"shift", "eval_steps"}
 
 
@@ -123,9 +123,10 @@ RUNTIME_KEYS = {"shift", "eval_steps"}
                                                ("pipeline_budget30", "experiments/configs/run_budget30.yaml")])
 def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, run_config):
     """README's table (pipeline_full: the packaged configs, `flowopd run --preset full`) and the
-    cheaper recipe's (its run config) keep each training stage's config.yaml as the run wrote it, its
-    folder written as OUT: resolving the same command today must give the same configs, so a change
-    to a packaged config or to the pipeline that would change the published numbers fails here."""
+    cheaper recipe's (its run config) keep each GRPO and OPD stage's config.yaml as the run wrote it,
+    its folder written as OUT: resolving the same command today must give the same configs, so a
+    change to a packaged GRPO or OPD config, or to how the pipeline overrides them, fails here. (The
+    cold starts' and evaluations' settings live in code, not in these files.)"""
     from pathlib import Path
 
     import yaml
