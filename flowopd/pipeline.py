@@ -87,9 +87,10 @@ class RunConfig:
         require(self.eval_per_group >= 0, "eval_per_group must be >= 0")
 
 
-# The three students: (model, packaged config, extra overrides)
-OPD_STAGES = (("opd-merge", "toy_opd_merge.yaml", []), ("opd-sft", "toy_opd_sft.yaml", []),
-              ("opd-merge-nomar", "toy_opd_merge.yaml", ["beta=0"]))
+# The three students: (model, packaged config, cold start it starts from, extra overrides)
+OPD_STAGES = (("opd-merge", "toy_opd_merge.yaml", "coldstart-merge", []),
+              ("opd-sft", "toy_opd_sft.yaml", "coldstart-sft", []),
+              ("opd-merge-nomar", "toy_opd_merge.yaml", "coldstart-merge", ["beta=0"]))
 
 # Relative cost of each stage, for the remaining-time estimate: the full preset's minutes on a 2-core CPU
 # (a teacher's per run; the longest prefix names the stage)
@@ -165,7 +166,7 @@ class Pipeline:
         st.append(("grpo-mix", lambda: self.s_trained("grpo-mix")))
         st.append(("coldstart-merge", lambda: self.s_coldstart("merge")))
         st.append(("coldstart-sft", lambda: self.s_coldstart("sft")))
-        for model, _, _ in OPD_STAGES:
+        for model, *_ in OPD_STAGES:
             st.append((model, lambda m=model: self.s_trained(m)))
         for m in MODELS:
             st.append((f"eval-{m}", lambda m=m: self.s_eval(m)))
@@ -193,8 +194,7 @@ class Pipeline:
                 for i in range(n):
                     grpo(f"teacher-{tk.name}/seed{i}", tk.teacher_config, [*extra, f"seed={i}"])
         grpo("grpo-mix", "toy_grpo_mix.yaml", list(self.rc.grpo_mix))
-        for model, config, extra in OPD_STAGES:
-            init = "coldstart-sft" if "sft" in model else "coldstart-merge"
+        for model, config, init, extra in OPD_STAGES:
             over = [f"base={self.ckpt('base')}", f"init={self.ckpt(init)}"]
             over += [f"teachers.{t}={d}" for t, d in self.teachers().items()]
             over += list(self.p["distill"]) + list(self.rc.distill) + extra
