@@ -78,7 +78,7 @@ def one(job):
         train_grpo(load(GRPOConfig, BASE, ov), run_dir)
         sec = round(time.time() - t0, 1)
         for ck in sorted(d for d in os.listdir(run_dir) if d.startswith("step_")) + ["final"]:
-            m, _, _ = evaluate(load_checkpoint(os.path.join(run_dir, ck), device), "test", progress=False,
+            m, *_ = evaluate(load_checkpoint(os.path.join(run_dir, ck), device), "test", progress=False,
                                per_group=None if scale >= 1 else 2)
             rec = {"run": name, "ck": ck, "train_s": sec,
                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}

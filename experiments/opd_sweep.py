@@ -44,7 +44,7 @@ def _evaluate(a, name: str, checkpoint: str) -> None:
     from flowopd.backends import load_checkpoint
     from flowopd.evaluate import evaluate
 
-    m, _, _ = evaluate(load_checkpoint(checkpoint, a.device), "test", progress=False,
+    m, *_ = evaluate(load_checkpoint(checkpoint, a.device), "test", progress=False,
                        per_group=2 if a.quick else None, steps=8 if a.quick else None)
     rec = {"model": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
     with open(os.path.join(a.out, "results.jsonl"), "a") as f:

@@ -69,11 +69,12 @@ def cmd_eval(args) -> int:
     if args.split not in ("test", "train"):
         raise UserError(f"unknown split {args.split!r}; use test or train")
     backend = load_checkpoint(args.checkpoint, _device(args.device))
-    metrics, images, prompts = evaluate(backend, args.split, args.steps, args.cfg, args.seed)
+    metrics, images, prompts, scores = evaluate(backend, args.split, args.steps, args.cfg, args.seed)
     metrics["checkpoint"] = str(args.checkpoint)
     out = Path(args.out or f"runs/eval-{Path(str(args.checkpoint)).name}")
     with staged_dir(out) as tmp:
-        write_images(tmp, images, [{"prompt": p.text, "task": p.task} for p in prompts])
+        write_images(tmp, images, [{"prompt": p.text, "task": p.task, "score": round(sc, 6)}
+                                   for p, sc in zip(prompts, scores)])
         (tmp / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     se = metrics["se"]
@@ -193,7 +194,9 @@ def _world_commands(sub) -> None:
 
     sp = sub.add_parser("eval", help="evaluate a checkpoint on a split: compose, text, quality, fidelity",
                         description="Sample the split's prompts with the default sampler, score them, print the "
-                                    "metrics as JSON and write OUT/eval.json with the images and manifest.")
+                                    "metrics as JSON (compose per category, text per sign length, each mean "
+                                    "with its standard error) and write OUT/eval.json with the images and "
+                                    "manifest.jsonl, which holds each image's score.")
     sp.add_argument("--checkpoint", required=True, help="checkpoint directory, or 'base'")
     sp.add_argument("--split", default="test", help="test (default) or train")
     sp.add_argument("--out", default=None, help="output directory (default runs/eval-<checkpoint name>)")

@@ -169,10 +169,12 @@ def staged_dir(out: str | Path):
 
 
 def write_images(folder: Path, images: np.ndarray, records: list[dict]) -> None:
-    """Write 0000.png ... and manifest.jsonl ({"prompt", "task", "file"} per line)."""
+    """Write 0000.png ... and manifest.jsonl ({"prompt", "task", "file"} per line, and the record's
+    "score" where it has one: `flowopd eval` writes each image's score)."""
     lines = []
     for i, (img, rec) in enumerate(zip(images, records)):
         name = f"{i:04d}.png"
         Image.fromarray(img, "RGB").save(folder / name)
-        lines.append(json.dumps({"prompt": rec["prompt"], "task": rec["task"], "file": name}))
+        extra = {"score": rec["score"]} if "score" in rec else {}
+        lines.append(json.dumps({"prompt": rec["prompt"], "task": rec["task"], "file": name, **extra}))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")

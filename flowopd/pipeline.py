@@ -252,7 +252,7 @@ class Pipeline:
     def s_eval(self, model: str):
         backend = load_checkpoint(self.ckpt(model))
         e = self.eval_args()
-        metrics, _, _ = evaluate(backend, "test", steps=e["steps"], per_group=e["per_group"], progress=True)
+        metrics, *_ = evaluate(backend, "test", steps=e["steps"], per_group=e["per_group"], progress=True)
         d = self.out / "evals"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{model}.json").write_text(json.dumps(metrics, indent=2))

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .tasks import TASK_NAMES
-from .world.prompts import CATEGORIES
+from .world.prompts import CATEGORIES, MAX_TEXT_LEN
 
 # the models of the table: the base, one GRPO teacher per task (flowopd.tasks), the baseline, the students
 TASK_OF_TEACHER = {f"teacher-{t}": t for t in TASK_NAMES}
@@ -72,6 +72,16 @@ def category_rows(results: dict) -> list[list[str]]:
 
 
 CATEGORY_HEADER = ["model", *CATEGORIES]
+TEXT_LENGTHS = tuple(range(1, MAX_TEXT_LEN + 1))
+LENGTH_HEADER = ["model", *(f"{n} character{'s' if n > 1 else ''}" for n in TEXT_LENGTHS)]
+
+
+def length_rows(results: dict) -> list[list[str]]:
+    """Text score by sign length ± standard error, one row per model evaluated with it (results
+    written before evaluation split text by length have none)."""
+    models = results.get("models", {})
+    return [[LABELS[m]] + [_fse(models[m], f"text_len{n}") for n in TEXT_LENGTHS]
+            for m in MODELS if m in models and models[m].get("text_len1") is not None]
 
 
 def claims(results: dict) -> list[tuple[str, bool | None, str]]:
@@ -168,6 +178,7 @@ def write_report(out: Path, results: dict, curves: dict, grid_rows: dict, grid_p
         save_grid(grid_rows, out / "grid.png")
     rows = table_rows(results)
     cat_rows = category_rows(results)
+    len_rows = length_rows(results)
     cl = claims(results)
     verdict = {True: "held", False: "did not hold", None: "not measured"}
     stage_rows = [[k, f"{v:.0f}"] for k, v in results.get("stage_seconds", {}).items()]
@@ -177,8 +188,10 @@ def write_report(out: Path, results: dict, curves: dict, grid_rows: dict, grid_p
           "1 - normalised edit distance; quality: the learned toy quality model; FD: Frechet distance to "
           "renders of the same prompts). Each mean is followed by its standard error over the test prompts. "
           "Paper columns: SD3.5-Medium numbers of the paper, for comparison.", "",
-          _md_table(HEADER, rows), "", "## Compose by category", "", _md_table(CATEGORY_HEADER, cat_rows), "",
-          "## Claims of the paper", ""]
+          _md_table(HEADER, rows), "", "## Compose by category", "", _md_table(CATEGORY_HEADER, cat_rows), ""]
+    if len_rows:
+        md += ["## Text by sign length", "", _md_table(LENGTH_HEADER, len_rows), ""]
+    md += ["## Claims of the paper", ""]
     md += [f"- **{verdict[ok]}**: {c} ({ev})" for c, ok, ev in cl]
     md += ["", "## Training curves", "", "![curves](curves.png)", "", "## Samples", "",
            "One row per model (in the table's order), same prompts and seeds: " +
@@ -211,6 +224,7 @@ on {html.escape(str(results.get('machine', '')))}. Test-split scores, each with 
 paper's SD3.5-Medium numbers.</p>
 {html_table(HEADER, rows)}
 <h2>Compose by category</h2>{html_table(CATEGORY_HEADER, cat_rows)}
+{"<h2>Text by sign length</h2>" + html_table(LENGTH_HEADER, len_rows) if len_rows else ""}
 <h2>Claims of the paper</h2><ul>{lis}</ul>
 <h2>Training curves</h2>{img('curves.png')}
 <h2>Samples</h2><p>Rows, top to bottom:</p><ol>{labels}</ol>

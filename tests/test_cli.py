@@ -35,6 +35,27 @@ def test_sample_writes_pngs_and_manifest(tmp_path, tiny_ckpt):
         assert im.size == (32, 32) and im.mode == "RGB"
 
 
+def test_eval_manifest_holds_each_images_score(tmp_path, tiny_ckpt):
+    from flowopd.world.prompts import make_prompt
+    from flowopd.world.scoring import summarize_scores
+
+    out = tmp_path / "ev"
+    r = run("eval", "--checkpoint", str(tiny_ckpt), "--steps", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "eval.json").read_text())
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == metrics["n"] == 512 and all(0.0 <= x["score"] <= 1.0 for x in lines)
+    # the per-image scores summarise to the evaluation's numbers (rounded to 6 decimals in the file)
+    again = summarize_scores([x["score"] for x in lines], [make_prompt(x["prompt"], x["task"]) for x in lines])
+    for k in ("compose", "color_attr", "text", "text_len1", "text_len4", "quality"):
+        assert again[k] == pytest.approx(metrics[k], abs=1e-5), k
+    # and `flowopd score` on the folder (reading the PNGs back) gives them exactly
+    r = run("score", str(out))
+    assert r.returncode == 0, r.stderr
+    rescored = json.loads(r.stdout)
+    for k in ("compose", "text", "text_len2", "quality"):
+        assert rescored[k] == metrics[k], k
+
 def test_sample_jsonl_keeps_given_task(tmp_path, tiny_ckpt):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "a blue circle", "task": "quality"}) + "\n" + json.dumps({"prompt": "two squares"}) + "\n")

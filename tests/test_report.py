@@ -48,6 +48,22 @@ def test_table_shows_standard_errors_and_categories(tmp_path):
     assert "0.250 ± 0.054" in (tmp_path / "report.html").read_text()
 
 
+def test_report_shows_text_by_length_when_measured(tmp_path):
+    from flowopd.report import length_rows
+
+    res = _res()
+    assert length_rows(res) == []  # results from before the split by length: no table
+    write_report(tmp_path, res, {}, {}, [])
+    assert "Text by sign length" not in (tmp_path / "report.md").read_text()
+    res["models"]["base"].update(text_len1=0.25, text_len2=0.5, text_len3=0.75, text_len4=1.0,
+                                 se={"text_len1": 0.1234})
+    rows = length_rows(res)
+    assert rows == [["Base (pretrained)", "0.250 ± 0.123", "0.500", "0.750", "1.000"]]
+    write_report(tmp_path, res, {}, {}, [])
+    for f in ("report.md", "report.html"):
+        text = (tmp_path / f).read_text()
+        assert "Text by sign length" in text and "0.250 ± 0.123" in text
+
 def test_write_report_files(tmp_path):
     curves = {"teacher-compose": [{"rollouts": 64, "reward/compose": 0.3}, {"rollouts": 128, "reward/compose": 0.5}]}
     grid = {m: np.full((2, 32, 32, 3), 255, np.uint8) for m in MODELS[:3]}

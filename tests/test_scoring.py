@@ -457,6 +457,26 @@ def test_standard_errors_known_answers():
     assert "quality" not in res["se"] and "position" not in res["se"]
 
 
+def test_text_by_length_and_per_image_scores():
+    from flowopd.world.scoring import image_scores, summarize_scores
+
+    rng = random.Random(4)
+    # lengths 1 and 3 rendered right, length 2 once right once blank, no 4-character sign
+    texts = ["K", "7", "AB", "CD", "XYZ"]
+    prompts = [make_prompt(f'a sign that says "{t}"') for t in texts] + [make_prompt("a red square", "compose")]
+    imgs = np.stack([render(p.spec, rng) for p in prompts])
+    imgs[3] = WHITE
+    scores = image_scores(imgs, prompts)
+    assert scores == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    res = score_images(imgs, prompts)
+    assert res == summarize_scores(scores, prompts)
+    assert res["text_len1"] == 1.0 and res["text_len2"] == 0.5 and res["text_len3"] == 1.0
+    assert res["text_len4"] is None and "text_len4" not in res["se"]
+    assert res["se"]["text_len1"] == 0.0 and np.isclose(res["se"]["text_len2"], 0.5)
+    assert res["text"] == 0.8  # the mean over all signs, not over lengths
+    with pytest.raises(ValueError, match="5 scores for 6 prompts"):
+        summarize_scores(scores[:5], prompts)
+
 def test_as_uint8_images():
     from flowopd.world.render import to_model_space
 

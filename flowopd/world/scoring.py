@@ -76,7 +76,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from .prompts import CATEGORIES, COLORS, SHAPES, Prompt, Spec, make_prompt, parse
+from .prompts import CATEGORIES, COLORS, MAX_TEXT_LEN, SHAPES, Prompt, Spec, make_prompt, parse
 from .quality import quality_score
 from .render import (GLYPH_H, GLYPH_W, INK, PALETTE, SIZE, as_uint8_images, font, footprint,  # noqa: F401
                      relation_holds, text_layout)  # as_uint8_images: re-exported (its old home)
@@ -616,29 +616,57 @@ def mean_of_means_se(ses) -> float | None:
     return None if not ses or None in ses else float(np.sqrt(np.sum(np.square(ses))) / len(ses))
 
 
+def image_scores(images, prompts: Sequence[Prompt]) -> list[float]:
+    """Each image's score as evaluation counts it, by its prompt's task: compose 1.0 or 0.0 (strict),
+    text text_score, quality quality_score (one batch over the quality images)."""
+    imgs, prompts = _pairs(images, prompts)
+    prompts = [_prompt(p) for p in prompts]
+    out = [0.0] * len(prompts)
+    q_idx = [i for i, p in enumerate(prompts) if p.task == "quality"]
+    if q_idx:
+        for i, q in zip(q_idx, quality_score(imgs[q_idx])):
+            out[i] = float(q)
+    for i, (im, p) in enumerate(zip(imgs, prompts)):
+        if p.task == "compose":
+            out[i] = float(compose_correct(p, im))
+        elif p.task == "text":
+            out[i] = text_score(p.spec.text, im)
+    return out
+
+
 def score_images(images, prompts: Sequence[Prompt]) -> dict:
     """Evaluation summary of images for their prompts.
 
     Returns {"compose": mean over the compose categories present of each
     category's strict accuracy (compose-task prompts only), one key per compose
     category (None when absent), "text": mean text_score over text-task prompts,
+    "text_len1" .. "text_len4": the same over signs of that many characters (None when absent),
     "quality": mean quality_score over quality-task prompts, "n": number of
     images, "se": {the standard error of each of those means}}; a task without
     prompts gives None. compose's standard error treats the categories as
     independent samples (its mean is a plain mean of category means).
     """
     imgs, prompts = _pairs(images, prompts)
+    return summarize_scores(image_scores(imgs, prompts), prompts)
+
+
+def summarize_scores(scores: Sequence[float], prompts: Sequence[Prompt]) -> dict:
+    """score_images' summary of per-image scores (image_scores) of these prompts."""
     prompts = [_prompt(p) for p in prompts]
+    if len(scores) != len(prompts):
+        raise ValueError(f"{len(scores)} scores for {len(prompts)} prompts")
     per_cat: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     texts: list[float] = []
-    q_idx: list[int] = []
-    for i, (im, p) in enumerate(zip(imgs, prompts)):
+    by_len: dict[int, list[float]] = {n: [] for n in range(1, MAX_TEXT_LEN + 1)}
+    q: list[float] = []
+    for sc, p in zip(scores, prompts):
         if p.task == "compose":
-            per_cat[p.category].append(float(compose_correct(p, im)))
+            per_cat[p.category].append(sc)
         elif p.task == "text":
-            texts.append(text_score(p.spec.text, im))
+            texts.append(sc)
+            by_len.setdefault(len(p.spec.text), []).append(sc)
         elif p.task == "quality":
-            q_idx.append(i)
+            q.append(sc)
     out: dict = {}
     accs = {c: (float(np.mean(v)) if v else None) for c, v in per_cat.items()}
     se = {c: standard_error(v) for c, v in per_cat.items() if v}
@@ -648,12 +676,16 @@ def score_images(images, prompts: Sequence[Prompt]) -> dict:
     out.update(accs)
     out["text"] = float(np.mean(texts)) if texts else None
     se["text"] = standard_error(texts)
-    if q_idx:
-        q = quality_score(imgs[q_idx])
-        out["quality"] = float(np.mean(q))
-        se["quality"] = standard_error(q)
+    for n, v in sorted(by_len.items()):
+        out[f"text_len{n}"] = float(np.mean(v)) if v else None
+        if v:
+            se[f"text_len{n}"] = standard_error(v)
+    if q:
+        q32 = np.asarray(q, dtype=np.float32)  # quality_score's own dtype: the mean as before
+        out["quality"] = float(np.mean(q32))
+        se["quality"] = standard_error(q32)
     else:
         out["quality"] = None
-    out["n"] = len(imgs)
+    out["n"] = len(prompts)
     out["se"] = se
     return out
