@@ -475,6 +475,89 @@ def eval_batch(batches=(16, 32, 64, 128), n: int = 256, steps: int = 40) -> dict
     return {"prompts": n, "steps": steps, "rows": rows}
 
 
+def sample_cost(batch: int = 64, reps: int = 5) -> dict:
+    """What one forward of the tiny model costs, and where it goes: the shipped base without and with
+    an active rank-8 LoRA adapter (no grad, `batch` rows, median of reps), each top-level module's
+    share of the plain forward, the same forward and a forward+backward on one thread and on all, and
+    whether the one-thread results are bit for bit the default's; then the layout's alternatives
+    (random weights): without the 32x32 cross-attention, and narrower at 32x32."""
+    from flowopd.backends import load_checkpoint
+    from flowopd.backends.tiny import TinyBackend
+    from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    sigma = torch.rand(batch, generator=g)
+    prompts = ["a red square left of a blue circle"] * batch
+
+    def timings(b) -> dict:
+        def fwd():
+            with torch.no_grad():
+                return b.velocity(x, sigma, b.encode_prompts(prompts))
+
+        def fwd_bwd():
+            b.net.zero_grad(set_to_none=True)
+            b.velocity(x, sigma, b.encode_prompts(prompts)).float().square().mean().backward()
+
+        return {"forward_sec": _time(fwd, reps), "forward_backward_sec": _time(fwd_bwd, max(2, reps - 2))}
+
+    b = load_checkpoint("base", "cpu")
+    res: dict = {"batch": batch, "threads": torch.get_num_threads(), "shipped": timings(b)}
+    times: dict[str, float] = {}
+
+    def pre(mod, inp):
+        mod._t0 = time.perf_counter()
+
+    def post(mod, inp, out):
+        times[mod._bench_name] = times.get(mod._bench_name, 0.0) + time.perf_counter() - mod._t0
+
+    hooks = []
+    for name, mod in b.model.named_children():
+        mod._bench_name = name
+        hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            b.velocity(x, sigma, b.encode_prompts(prompts))
+        total = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    res["module_share"] = {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+    b.add_adapter("bench", rank=8, init=False)  # random B too: the adapter changes the output
+    res["with_lora"] = timings(b)
+    threads = torch.get_num_threads()
+
+    def outputs():
+        with torch.no_grad():
+            v = b.velocity(x, sigma, b.encode_prompts(prompts))
+        b.net.zero_grad(set_to_none=True)
+        b.velocity(x, sigma, b.encode_prompts(prompts)).float().square().mean().backward()
+        return v, [p.grad.clone() for p in b.net.parameters() if p.grad is not None]
+
+    v_all, g_all = outputs()
+    torch.set_num_threads(1)
+    try:
+        v_one, g_one = outputs()
+        res["with_lora_one_thread"] = timings(b)
+    finally:
+        torch.set_num_threads(threads)
+    res["one_thread_forward_bitwise_equal"] = bool(torch.equal(v_one, v_all))
+    res["one_thread_grads_bitwise_equal"] = all(torch.equal(a, c) for a, c in zip(g_one, g_all))
+
+    shipped = b.model.cfg
+    variants = {"shipped layout": shipped,
+                "no 32x32 cross-attention": TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False}),
+                "channels (16, 64, 96), no 32x32 cross-attention":
+                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "channels": [16, 64, 96]})}
+    res["layouts"] = {}
+    for name, cfg in variants.items():
+        torch.manual_seed(0)
+        vb = TinyBackend(TinyUNet(cfg))
+        res["layouts"][name] = {**timings(vb), "params": sum(p.numel() for p in vb.model.parameters())}
+    return res
+
+
 # ----------------------------------------------------------------------------- 6. SD3.5-M shaped (GPU)
 
 
@@ -618,6 +701,16 @@ def table(d: dict) -> str:
         e = p["eval_batch"]
         out.append(f"\nevaluation sampling ({e['prompts']} prompts, {e['steps']} steps) by prompt batch: " + ", ".join(
             f"b{r['batch']} {r['sec']:.1f}s" + ("" if r["same_images_as_first"] else " (other images)") for r in e["rows"]))
+    if "sample_cost" in p:
+        c = p["sample_cost"]
+        out.append(f"\nsample cost ({c['batch']} rows, {c['threads']} threads; forward / forward+backward): "
+                   + ", ".join(f"{k} {c[k]['forward_sec']:.3f} / {c[k]['forward_backward_sec']:.3f} s"
+                               for k in ("shipped", "with_lora", "with_lora_one_thread")))
+        out.append("  largest modules: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(c["module_share"].items())[:5]))
+        out.append(f"  one thread bit for bit: forward {c['one_thread_forward_bitwise_equal']}, "
+                   f"gradients {c['one_thread_grads_bitwise_equal']}")
+        for k, r in c["layouts"].items():
+            out.append(f"  {k}: {r['params'] / 1e6:.2f}M params, {r['forward_sec']:.3f} / {r['forward_backward_sec']:.3f} s")
     if "sd3_device" in p:
         s = p["sd3_device"]
         out.append(f"\nSD3.5-M-shaped on {s['device']} ({s['num_layers']} layers, {s['dtype']}): " + ", ".join(
@@ -629,7 +722,8 @@ def table(d: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-PARTS = ("sample_efficiency", "memory_tiny", "memory_sd3", "flops", "step_cost", "scaling", "eval_batch", "sd3_device")
+PARTS = ("sample_efficiency", "memory_tiny", "memory_sd3", "flops", "step_cost", "scaling", "eval_batch", "sample_cost",
+         "sd3_device")
 
 
 def main(argv=None):
@@ -689,6 +783,9 @@ def main(argv=None):
             head = {}
         elif part == "eval_batch":
             v = eval_batch()
+            head = {}
+        elif part == "sample_cost":
+            v = sample_cost()
             head = {}
         elif part == "sd3_device":
             dt = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
