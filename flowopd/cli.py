@@ -81,6 +81,10 @@ def cmd_eval(args) -> int:
     summary = ", ".join(f"{k} {metrics[k]:.3f} ± {se[k]:.3f}" for k in ("compose", "text", "quality", "average")
                         if metrics.get(k) is not None and se.get(k) is not None)
     print(f"{summary}, FD {metrics['fidelity']:.2f} (mean ± standard error)", file=sys.stderr)
+    lengths = sorted(k for k in metrics if k.startswith("text_len") and metrics[k] is not None)
+    if lengths:
+        print("text by sign length: " + ", ".join(f"{k[len('text_len'):]} {metrics[k]:.3f}" for k in lengths),
+              file=sys.stderr)
     print(f"wrote {out}/eval.json and the {len(images)} images", file=sys.stderr)
     return 0
 

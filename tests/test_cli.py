@@ -43,6 +43,7 @@ def test_eval_manifest_holds_each_images_score(tmp_path, tiny_ckpt):
     r = run("eval", "--checkpoint", str(tiny_ckpt), "--steps", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "eval.json").read_text())
+    assert f"text by sign length: 1 {metrics['text_len1']:.3f}, 2 " in r.stderr
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(lines) == metrics["n"] == 512 and all(0.0 <= x["score"] <= 1.0 for x in lines)
     # the per-image scores summarise to the evaluation's numbers (rounded to 6 decimals in the file)
