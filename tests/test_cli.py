@@ -57,6 +57,7 @@ def test_eval_manifest_holds_each_images_score(tmp_path, tiny_ckpt):
     for k in ("compose", "text", "text_len2", "quality"):
         assert rescored[k] == metrics[k], k
 
+
 def test_sample_jsonl_keeps_given_task(tmp_path, tiny_ckpt):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "a blue circle", "task": "quality"}) + "\n" + json.dumps({"prompt": "two squares"}) + "\n")

@@ -64,6 +64,7 @@ def test_report_shows_text_by_length_when_measured(tmp_path):
         text = (tmp_path / f).read_text()
         assert "Text by sign length" in text and "0.250 ± 0.123" in text
 
+
 def test_write_report_files(tmp_path):
     curves = {"teacher-compose": [{"rollouts": 64, "reward/compose": 0.3}, {"rollouts": 128, "reward/compose": 0.5}]}
     grid = {m: np.full((2, 32, 32, 3), 255, np.uint8) for m in MODELS[:3]}
