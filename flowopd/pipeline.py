@@ -209,10 +209,9 @@ class Pipeline:
     def train(self, key: str) -> Path:
         kind, path, over = self.trainer_configs()[key]
         main = main_grpo if kind == "grpo" else main_distill
-        return main(path, self.out / "work" / key, over, overwrite=True)
+        return main(path, self.work(key), over, overwrite=True)
 
     def s_trained(self, model: str):
-        self.work(model)
         self.publish(model, self.train(model))
 
     def s_teacher(self, task: str):

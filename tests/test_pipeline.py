@@ -114,7 +114,6 @@ def test_teacher_seeds_refuses_bad_values(seeds, match):
         RunConfig(teacher_seeds=seeds).validate()
 
 
-
 @pytest.mark.parametrize("table, run_config", [("pipeline_full", None),
                                                ("pipeline_budget30", "experiments/configs/run_budget30.yaml")])
 def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, run_config):

@@ -590,18 +590,7 @@ def _prompt(p) -> Prompt:
 def task_reward(images, prompts, compose: str = "strict") -> np.ndarray:
     """Each image scored by its prompt's task: compose -> strict (or 'partial') compose
     reward, text -> text_score, quality -> quality_score. float32 (B,)."""
-    imgs, prompts = _pairs(images, prompts)
-    prompts = [_prompt(p) for p in prompts]
-    out = np.zeros(len(prompts), dtype=np.float32)
-    q_idx = [i for i, p in enumerate(prompts) if p.task == "quality"]
-    if q_idx:
-        out[q_idx] = quality_score(imgs[q_idx])
-    for i, p in enumerate(prompts):
-        if p.task == "compose":
-            out[i] = compose_correct(p, imgs[i]) if compose == "strict" else compose_partial_one(p, imgs[i])
-        elif p.task == "text":
-            out[i] = text_score(p.spec.text, imgs[i])
-    return out
+    return np.asarray(image_scores(images, prompts, compose), dtype=np.float32)
 
 
 def standard_error(values) -> float | None:
@@ -616,9 +605,10 @@ def mean_of_means_se(ses) -> float | None:
     return None if not ses or None in ses else float(np.sqrt(np.sum(np.square(ses))) / len(ses))
 
 
-def image_scores(images, prompts: Sequence[Prompt]) -> list[float]:
-    """Each image's score as evaluation counts it, by its prompt's task: compose 1.0 or 0.0 (strict),
-    text text_score, quality quality_score (one batch over the quality images)."""
+def image_scores(images, prompts: Sequence[Prompt], compose: str = "strict") -> list[float]:
+    """Each image's score by its prompt's task, as evaluation counts it (compose 'strict': 1.0 or 0.0;
+    'partial': compose_partial_one), text text_score, quality quality_score (one batch over the
+    quality images)."""
     imgs, prompts = _pairs(images, prompts)
     prompts = [_prompt(p) for p in prompts]
     out = [0.0] * len(prompts)
@@ -628,7 +618,7 @@ def image_scores(images, prompts: Sequence[Prompt]) -> list[float]:
             out[i] = float(q)
     for i, (im, p) in enumerate(zip(imgs, prompts)):
         if p.task == "compose":
-            out[i] = float(compose_correct(p, im))
+            out[i] = float(compose_correct(p, im)) if compose == "strict" else compose_partial_one(p, im)
         elif p.task == "text":
             out[i] = text_score(p.spec.text, im)
     return out
