@@ -480,7 +480,8 @@ def sample_cost(batch: int = 64, reps: int = 5) -> dict:
     an active rank-8 LoRA adapter (no grad, `batch` rows, median of reps), each top-level module's
     share of the plain forward, the same forward and a forward+backward on one thread and on all, and
     whether the one-thread results are bit for bit the default's; then the layout's alternatives
-    (random weights): without the 32x32 cross-attention, and narrower at 32x32."""
+    (random weights): without the 32x32 cross-attention, narrower at 32x32, and over 2x2 patches
+    (TinyConfig.patch 2: no 32x32 level)."""
     from flowopd.backends import load_checkpoint
     from flowopd.backends.tiny import TinyBackend
     from flowopd.backends.tiny_model import TinyConfig, TinyUNet
@@ -549,7 +550,11 @@ def sample_cost(batch: int = 64, reps: int = 5) -> dict:
     variants = {"shipped layout": shipped,
                 "no 32x32 cross-attention": TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False}),
                 "channels (16, 64, 96), no 32x32 cross-attention":
-                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "channels": [16, 64, 96]})}
+                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "channels": [16, 64, 96]}),
+                "2x2 patches, channels (64, 96)":
+                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "patch": 2, "channels": [64, 96]}),
+                "2x2 patches, channels (48, 96)":
+                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "patch": 2, "channels": [48, 96]})}
     res["layouts"] = {}
     for name, cfg in variants.items():
         torch.manual_seed(0)

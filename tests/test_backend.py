@@ -192,3 +192,53 @@ def test_lora_targets_in_the_prompt_encoder_are_refused(tiny_backend):
     assert tiny_backend.adapters == []
     tiny_backend.add_adapter("t", rank=2, targets=["to_q", "conv1"])
     assert tiny_backend.adapters == ["t"]
+
+
+def test_the_patch_model_works_on_2x2_patches_without_a_32x32_level_and_round_trips(tmp_path):
+    from flowopd.backends.tiny import FORMAT, TinyBackend, save_checkpoint
+    from flowopd.backends.tiny_model import TinyConfig, TinyUNet
+
+    torch.manual_seed(0)
+    cfg = TinyConfig(channels=(8, 8), text_dim=16, heads=2, groups=4, cond_dim=16, patch=2)
+    m = TinyUNet(cfg).eval()
+    for p in m.parameters():  # no zero-initialised output layer hiding the function
+        torch.nn.init.normal_(p, std=0.2)
+    sizes = []
+    for mod in m.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            mod.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+    b = TinyBackend(m, "cpu", {"steps": 4, "cfg": 2.0, "shift": 1.0})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        v = b.velocity(x, torch.full((2,), 0.5), b.encode_prompts(["a red square", "two circles"]))
+    assert v.shape == (2, 3, 32, 32) and max(sizes) == 16 and min(sizes) == 8  # levels 16x16 and 8x8 only
+    assert not any(n in dict(m.named_children()) for n in ("down1", "up1", "pool1", "unpool1"))
+    # it saves and loads as format FORMAT with `patch` recorded, and samples the same
+    save_checkpoint(b, tmp_path / "ck")
+    conf = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert conf["format"] == FORMAT == 4 and conf["model"]["patch"] == 2 and conf["model"]["channels"] == [8, 8]
+    back = load_checkpoint(tmp_path / "ck")
+    prompts = ["a blue circle", 'a sign that says "7"']
+    assert np.array_equal(sample_images(b, prompts, progress=False), sample_images(back, prompts, progress=False))
+    # LoRA adapters reach its layers: a rank-2 adapter trains every default target there
+    back.add_adapter("t", rank=2)
+    v = back.velocity(x, torch.full((2,), 0.5), back.encode_prompts(["a red square", "two circles"]))
+    v.square().mean().backward()
+    grads = [p.grad for n, p in back.net.named_parameters() if "lora_B" in n]  # B starts at 0: A's grads are 0
+    assert len(grads) > 20 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # a model config written before the key existed is the pixel U-Net
+    assert TinyConfig.from_dict({"channels": [8, 8, 8]}).patch == 1
+
+
+def test_patch_channels_and_the_32x32_cross_attention_must_fit_together():
+    from flowopd.backends.tiny_model import TinyConfig
+    from flowopd.trainers.pretrain import PretrainConfig, _model_config
+
+    for bad, msg in [(dict(patch=3), "patch must be 1 or 2"), (dict(patch=2), "patch 2 takes 2 channel widths"),
+                     (dict(channels=(8, 8)), "patch 1 takes 3 channel widths"),
+                     (dict(patch=2, channels=(8, 8), xattn_full=True), "no 32x32 level")]:
+        with pytest.raises(ValueError, match=msg):
+            TinyConfig(**bad)
+    with pytest.raises(ConfigError, match="patch 2 takes 2 channel widths"):
+        _model_config(PretrainConfig(patch=2))
+    assert _model_config(PretrainConfig(patch=2, channels=[8, 8])).patch == 2

@@ -29,8 +29,9 @@ BACKENDS = ("tiny", "sd3")  # the values of config.json["backend"] this package 
 # config.json["format"] of tiny checkpoints: bumped when a change to the model or the files would make
 # this version misread a checkpoint. Checkpoints from before the key existed are format 1 (same layout).
 # Format 2 added the model key `roles` (absent in format 1: no role embedding); format 3 the keys
-# `pooled_text` and `xattn_full` (absent before: pooled FiLM on, no 32x32 cross-attention).
-FORMAT = 3
+# `pooled_text` and `xattn_full` (absent before: pooled FiLM on, no 32x32 cross-attention); format 4
+# the key `patch` (absent before: 1, the pixel U-Net).
+FORMAT = 4
 
 
 def shipped_base_dir() -> Path:

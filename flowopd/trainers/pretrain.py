@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..backends.tiny import TinyBackend, autocast, load_checkpoint, read_weights, save_checkpoint
 from ..backends.tiny_model import ATTRIBUTE_WORDS, CHARS, UNK, TinyConfig, TinyUNet, Tokenizer
-from ..config import build, require, to_dict
+from ..config import ConfigError, build, require, to_dict
 from ..errors import UserError
 from .checkpointing import RunState
 from .common import EMA, optimizer_step
@@ -82,6 +82,7 @@ class PretrainConfig:
     text_layers: int = 2  # transformer layers over the prompt tokens (0: each token's own embedding)
     pooled_text: bool = True  # FiLM on the pooled prompt (TinyConfig.pooled_text)
     xattn_full: bool = False  # cross-attention to the prompt at 32x32 too (TinyConfig.xattn_full)
+    patch: int = 1  # 2: the U-Net over 2x2 patches, two levels, `channels` two widths (TinyConfig.patch)
     # a prompt encoder pretrained on the grammar's language (experiments/parse_encoder.py): its weights
     # (a .safetensors of TextEncoder) replace the random ones when training starts from scratch
     text_init: str = ""
@@ -375,8 +376,11 @@ def _device(name: str) -> torch.device:
 
 def _model_config(cfg: PretrainConfig) -> TinyConfig:
     """The model the config's keys describe (what a run from random weights builds)."""
-    return TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
-                      pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full)
+    try:
+        return TinyConfig(channels=tuple(cfg.channels), roles=cfg.roles, text_layers=cfg.text_layers,
+                          pooled_text=cfg.pooled_text, xattn_full=cfg.xattn_full, patch=cfg.patch)
+    except ValueError as e:  # channels, patch and xattn_full that do not fit together
+        raise ConfigError(str(e)) from None
 
 
 def _model(cfg: PretrainConfig, device) -> TinyUNet:
