@@ -56,6 +56,9 @@ def test_text_length_weights_choose_the_sign_lengths():
     assert build_dataset(20, 3, 0.5, 1)[0] == build_dataset(20, 3, 0.5, 1, {}, [])[0]
     assert "text_length_weights" not in _identity(build(PretrainConfig, {}))
     assert _identity(build(PretrainConfig, {"text_length_weights": [1, 1, 1, 0]}))["text_length_weights"] == [1, 1, 1, 0]
+    # a run written before the key `patch` existed resumes: at its default the key is not part of the identity
+    assert "patch" not in _identity(build(PretrainConfig, {}))
+    assert _identity(build(PretrainConfig, {"patch": 2, "channels": [8, 8]}))["patch"] == 2
     for bad in ([1, 1, 1], [0, 0, 0, 0], [1, -1, 1, 1]):
         with pytest.raises(ConfigError, match="text_length_weights"):
             build(PretrainConfig, {"text_length_weights": bad})

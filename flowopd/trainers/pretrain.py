@@ -257,6 +257,8 @@ def _identity(cfg: PretrainConfig) -> dict:
             del st["text_sigma_mean"]  # (likewise)
     if d.get("damp") == 1:
         del d["damp"]  # (likewise)
+    if d.get("patch") == 1:
+        del d["patch"]  # (likewise: the pixel U-Net)
     if not d.get("sign_blur"):
         d.pop("sign_blur", None), d.pop("sign_blur_seed", None)  # (likewise)
     return d
