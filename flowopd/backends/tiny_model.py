@@ -274,21 +274,22 @@ class TinyUNet(nn.Module):
         if self.cfg.pooled_text:
             c = c + self.pool_proj(pooled)
         c = F.silu(c)
-        if self.cfg.patch == 2:
-            h = F.pixel_unshuffle(x, 2)
-            h = self.conv_in(torch.cat([h, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1))
+        patches = self.cfg.patch == 2
+        h = F.pixel_unshuffle(x, 2) if patches else x
+        h = self.conv_in(torch.cat([h, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1))
+        if patches:
             h = self._inner_forward(h, c, tokens, pad)
-            return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)
-        h = self.conv_in(torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1))
-        s1 = self.down1(h, c)
-        if self.cfg.xattn_full:
-            s1 = self.xattn1(s1, tokens, pad)
-        h = self._inner_forward(self.pool1(s1), c, tokens, pad)
-        h = self.unpool1(h)
-        h = self.up1(torch.cat([h, s1], 1), c)
-        if self.cfg.xattn_full:
-            h = self.xattn_up1(h, tokens, pad)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        else:  # the 32x32 level around the inner ones
+            s1 = self.down1(h, c)
+            if self.cfg.xattn_full:
+                s1 = self.xattn1(s1, tokens, pad)
+            h = self._inner_forward(self.pool1(s1), c, tokens, pad)
+            h = self.unpool1(h)
+            h = self.up1(torch.cat([h, s1], 1), c)
+            if self.cfg.xattn_full:
+                h = self.xattn_up1(h, tokens, pad)
+        v = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(v, 2) if patches else v
 
     def _inner_forward(self, h, c, tokens, pad):
         """16x16 in, 16x16 out, through the 8x8 level."""
