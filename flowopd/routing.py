@@ -170,6 +170,23 @@ def route(mode: str, sample_tasks: Sequence[str], teachers: Sequence[str], scale
     raise ValueError(f"unknown routing {mode!r}; expected one of {ROUTING_MODES}")
 
 
+def high_noise_rows(W: Tensor, tasks: Sequence[str], sigma: float, routes: dict, threshold: float,
+                    teachers: Sequence[str]) -> Tensor:
+    """W (B, K) at one denoising step whose state has noise level `sigma`: when sigma >= threshold,
+    the rows of samples whose task is a key of `routes` become one-hot on the teacher routes[task];
+    otherwise W unchanged. A step's layout is decided at high noise, so a task whose teacher knows
+    no more about layouts than the base (the toy world's quality prompts are compose prompts) can
+    leave those steps to the teacher that does (`high_noise_routes` of the OPD config)."""
+    if not routes or sigma < threshold:
+        return W
+    out = W.clone()
+    for i, t in enumerate(tasks):
+        if t in routes:
+            out[i] = 0.0
+            out[i, list(teachers).index(routes[t])] = 1.0
+    return out
+
+
 # ----------------------------------------------------------------------------- teachers on one base
 
 

@@ -157,7 +157,7 @@ def test_an_opd_step_changes_only_the_student(world, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("rule,routing,extra", [
-    ("direct", "task", {"init": "merge"}),
+    ("direct", "task", {"init": "merge", "high_noise_routes": {"quality": "compose"}}),
     ("pg", "reward", {"init": "none", "reward_scale": "rank", "beta": 0.1}),
     ("direct", "soft", {"init": "none", "reward_scale": "zscore", "anchor": "base", "beta": 0.1}),
 ])
@@ -211,6 +211,12 @@ def test_config_errors_and_dotted_overrides(world):
         load_config(None, _overrides(world, betta=1))
     with pytest.raises(ConfigError, match="teacher for task"):
         load_config(None, ["teachers.compose=x", "tasks=[compose,text]"])
+    assert load_config(None, _overrides(world, high_noise_routes={"quality": "compose"})).high_noise_routes == {
+        "quality": "compose"}
+    with pytest.raises(ConfigError, match="high_noise_routes"):
+        load_config(None, _overrides(world, high_noise_routes={"quality": "painter"}))
+    with pytest.raises(ConfigError, match="high_noise_sigma"):
+        load_config(None, _overrides(world, high_noise_sigma=0))
 
 
 def test_shipped_configs_parse():

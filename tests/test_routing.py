@@ -7,8 +7,8 @@ from flowopd.backends.tiny import TinyBackend
 from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 from flowopd.rollout import rollout, transition
 from flowopd.rewards import get_reward
-from flowopd.routing import (RewardScaler, TeacherBank, reward_routes, route, score_all, soft_routes,
-                             task_routes)
+from flowopd.routing import (RewardScaler, TeacherBank, high_noise_rows, reward_routes, route, score_all,
+                             soft_routes, task_routes)
 from flowopd.trainers.coldstart import TeacherWeights
 
 TINY = TinyConfig(channels=(8, 8, 8), text_dim=16, text_layers=1, heads=2, groups=4, cond_dim=16)
@@ -21,6 +21,18 @@ def test_task_routing_follows_the_tag():
     assert W.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]]
     with pytest.raises(KeyError, match="no teacher"):
         task_routes(["compose", "ocr"], TEACHERS)
+
+
+def test_high_noise_routes_hand_a_tasks_high_noise_steps_to_another_teacher():
+    tasks = ["compose", "text", "quality", "quality"]
+    W = route("soft", tasks, TEACHERS, torch.tensor([[0.3, NAN, 1.2], [NAN, 1.0, NAN], [0.2, NAN, 0.1], [0.5, NAN, 0.9]]))
+    routes = {"quality": "compose"}
+    hi = high_noise_rows(W, tasks, 0.667, routes, 0.6, TEACHERS)
+    assert hi[2:].tolist() == [[1, 0, 0], [1, 0, 0]]   # quality samples: the compose teacher alone
+    assert torch.equal(hi[:2], W[:2])                   # other tasks' rows untouched
+    assert torch.equal(high_noise_rows(W, tasks, 0.556, routes, 0.6, TEACHERS), W)  # below the threshold
+    assert torch.equal(high_noise_rows(W, tasks, 1.0, {}, 0.6, TEACHERS), W)         # no routes
+    assert W[2, 2] > 0  # and W itself is not modified
 
 
 def test_toy_rewards_say_nan_where_they_cannot_score():

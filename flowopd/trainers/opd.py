@@ -21,7 +21,8 @@ The loop, top to bottom (each iteration of `train_opd`):
      for `routing: reward|soft` used to route (flowopd.routing), and for the authors' `mixed`,
      `task_only` and `drop_zero_adv` turned into per-prompt group advantages (beyond that mask,
      the direct, pg and kl_only rules never train on them);
-  3. route: W (B, K), each sample's weights over the K teachers (task tag by default);
+  3. route: W (B, K), each sample's weights over the K teachers (task tag by default; with
+     `high_noise_routes` a task's samples go to another task's teacher at the high-noise steps);
   4. update: for a subset of the steps (timestep_fraction; random, or the first ones with
      `step_selection: first`) and every micro-batch, the
      routed teachers compute their transition means at the student's own states, batched per
@@ -83,7 +84,7 @@ from ..state import atomic_dir
 from ..flow import step_kl
 from ..losses import (KL_NORMS, REWARD_MODES, group_advantages, group_reward_stats, grpo_loss, mar_loss,
                       opd_direct_loss, opd_pg_advantages, reward_mode_loss, zero_std_groups)
-from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, route
+from ..routing import REWARD_SCALES, ROUTING_MODES, RewardScaler, TeacherBank, high_noise_rows, route
 from ..world.prompts import TASKS
 from ..lora import svd_lora
 from .coldstart import (ColdStartConfig, coldstart, load_teachers, lora_modules_of,
@@ -115,6 +116,11 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
     routing: str = "task"            # "task" | "reward" | "soft"
     reward_scale: str = "zscore"     # "zscore" | "rank" | "raw" (reward and soft routing)
     soft_temperature: float = 0.5
+    high_noise_routes: dict = field(default_factory=dict)  # task -> teacher task: at the steps whose noise level is
+                                     # >= high_noise_sigma (where a layout forms) that task's samples go to that
+                                     # teacher instead (the toy world's quality prompts are compose prompts:
+                                     # {quality: compose} leaves their layout to the compose teacher)
+    high_noise_sigma: float = 0.6
     # update rule
     rule: str = "direct"             # "direct" | "pg" | the Flow-OPD authors' reward modes "kl_only" | "mixed" |
                                      # "task_only" (their train.reward_mode; docs/departures.md)
@@ -175,6 +181,11 @@ class OPDConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eval
             require(float(s) >= 0, f"task_shares[{t}] must be >= 0")
         check_schedule(self)
         require(self.routing in ROUTING_MODES, f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        for t, k in self.high_noise_routes.items():
+            require(t in self.tasks and k in self.teachers,
+                    f"high_noise_routes {t}: {k}: {t!r} must be one of tasks {self.tasks} and {k!r} a teacher's task "
+                    f"({sorted(self.teachers)})")
+        require(0 < self.high_noise_sigma <= 1, "high_noise_sigma must be in (0, 1]")
         if self.routing == "task":
             for t in self.tasks:
                 require(t in self.teachers, f"routing 'task' needs a teacher for task {t!r} (teachers: {sorted(self.teachers)})")
@@ -527,6 +538,7 @@ def opd_update(r: OPDRun, ro: Rollout, W, signal: TaskSignal | None, step: int) 
 def targets(r: OPDRun, ro: Rollout, idx, j: int, W):
     """The routed teachers' transition mean and the anchor's (None when unused) at step j of the
     samples idx, without gradients."""
+    W = high_noise_rows(W, ro.tasks, float(ro.sigmas[j]), r.cfg.high_noise_routes, r.cfg.high_noise_sigma, r.names)
     target = r.bank.means(ro, idx, j, W[idx], r.names)
     anc = None
     if r.use_anchor:
