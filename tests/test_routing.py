@@ -144,3 +144,24 @@ def test_anchor_base_means_adapters_off(bank_and_rollout):
     with torch.no_grad(), backend.adapter(None):
         b = transition(backend, ro, torch.arange(2), 0).mean
     assert torch.equal(a, b)
+
+
+def test_opd_targets_follow_high_noise_routes(bank_and_rollout):
+    """The OPD trainer's targets: a quality sample is supervised by the compose teacher at the steps at or
+    above high_noise_sigma and by the quality teacher below it; other samples keep their own teacher."""
+    from types import SimpleNamespace
+
+    from flowopd.trainers.opd import targets
+
+    backend, bank, ro = bank_and_rollout  # tasks compose, compose, text, text, quality, quality; sigmas 1, 0.5, 0.001
+    cfg = SimpleNamespace(high_noise_routes={"quality": "compose"}, high_noise_sigma=0.4)
+    r = SimpleNamespace(bank=bank, cfg=cfg, names=TEACHERS, use_anchor=False)
+    W = route("task", ro.tasks, TEACHERS)
+    idx = torch.arange(len(ro))
+    for j, want in ((0, ["compose", "compose", "text", "text", "compose", "compose"]),
+                    (1, ["compose", "compose", "text", "text", "compose", "compose"]),
+                    (2, ["compose", "compose", "text", "text", "quality", "quality"])):
+        target, anc = targets(r, ro, idx, j, W)
+        assert anc is None
+        for i, name in enumerate(want):
+            assert torch.allclose(target[i], _alone(backend, bank, ro, i, j, name), atol=1e-5), (j, i)
