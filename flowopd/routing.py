@@ -177,13 +177,11 @@ def high_noise_rows(W: Tensor, tasks: Sequence[str], sigma: float, routes: dict,
     otherwise W unchanged. A step's layout is decided at high noise, so a task whose teacher knows
     no more about layouts than the base (the toy world's quality prompts are compose prompts) can
     leave those steps to the teacher that does (`high_noise_routes` of the OPD config)."""
-    if not routes or sigma < threshold:
+    rows = [i for i, t in enumerate(tasks) if t in routes] if sigma >= threshold else []
+    if not rows:
         return W
     out = W.clone()
-    for i, t in enumerate(tasks):
-        if t in routes:
-            out[i] = 0.0
-            out[i, list(teachers).index(routes[t])] = 1.0
+    out[rows] = task_routes([routes[tasks[i]] for i in rows], teachers)  # as if tagged with the routed task
     return out
 
 
