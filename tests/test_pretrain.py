@@ -425,7 +425,6 @@ def test_the_shipped_base_records_the_packaged_recipe():
 
     meta = json.loads((resolve_checkpoint("base") / "config.json").read_text())["meta"]
     cfg = load(PretrainConfig, PACKAGED_CONFIGS / "toy_pretrain.yaml", [])
-    # keys added since (patch) are absent from the record and take their defaults, the old behaviour
-    assert set(meta["recipe"]) <= set(to_dict(cfg)) and set(to_dict(cfg)) - set(meta["recipe"]) == {"patch"}
+    assert set(meta["recipe"]) == set(to_dict(cfg))
     assert to_dict(build(PretrainConfig, meta["recipe"])) == to_dict(cfg)
     assert meta["step"] == sum(st["steps"] for st in cfg.stages)
