@@ -120,10 +120,11 @@ ADDED_SINCE = {"high_noise_routes": {}, "high_noise_sigma": 0.6}
 
 
 @pytest.mark.parametrize("table, run_config", [("pipeline_full", None),
+                                               ("pipeline_qcm_full", "experiments/configs/run_qcm_full.yaml"),
                                                ("pipeline_budget30", "experiments/configs/run_budget30.yaml")])
 def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, run_config):
     """README's table (pipeline_full: the packaged configs, `flowopd run --preset full`) and the
-    cheaper recipe's (its run config) keep each GRPO and OPD stage's config.yaml as the run wrote it,
+    earlier tables (their run configs) keep each GRPO and OPD stage's config.yaml as the run wrote it,
     its folder written as OUT: resolving the same command today must give the same configs, so a
     change to a packaged GRPO or OPD config, or to how the pipeline overrides them, fails here. (The
     cold starts' and evaluations' settings live in code, not in these files.)"""
