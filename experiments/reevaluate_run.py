@@ -3,7 +3,7 @@ every number its results.json holds comes out the same (evaluation is determinis
 machine), so that metrics added to evaluation since the run (e.g. text per sign length) can be
 reported beside its table.
 
-    python experiments/reevaluate_run.py runs/pipe29 --out experiments/results/pipeline_full/reevaluated.json
+    python experiments/reevaluate_run.py runs/pipe29 --out experiments/results/pipeline_qcm_full/reevaluated.json
 
 Writes {model: metrics} with the run's evaluation settings (results.json "eval"); exits with status
 1, naming the key, when a number of results.json differs.
