@@ -145,25 +145,26 @@ def rollout(backend, prompts: list[str], tasks: list[str], group_size: int, *, s
     first = min(sde_set) if shared_noise else 0
     if noise is not None and tuple(noise.shape) != (B, steps + 1, *shape):
         raise ValueError(f"noise must have shape {(B, steps + 1, *shape)}, got {tuple(noise.shape)}")
-    if shared_noise:
-        noise_p = (torch.randn((len(prompts), *shape), generator=generator) if noise is None
-                   else noise[::group_size, 0])  # (P, C, H, W)
-        prefix = []
-        for i in range(0, len(prompts), mb):
-            x = noise_p[i:i + mb].to(dev)
-            states, _ = _integrate(vfn(list(prompts[i:i + mb])), x, sig, 0, first, set(), step_fn, noise_level, None)
-            prefix.append(torch.stack([x, *states], 1).cpu())  # (p, first+1, C, H, W)
-        prefix = torch.cat(prefix).repeat_interleave(group_size, 0)  # (B, first+1, ...)
-    else:
-        prefix = (torch.randn((B, *shape), generator=generator) if noise is None
-                  else noise[:, 0])[:, None]  # (B, 1, C, H, W)
-    xs, lps = [], []
-    for i in range(0, B, mb):
-        x = prefix[i:i + mb, -1].to(dev)
-        states, lp = _integrate(vfn(ps[i:i + mb]), x, sig, first, steps, sde_set, step_fn, noise_level, generator,
-                                None if noise is None else noise[i:i + mb])
-        xs.append(torch.stack(states, 1).cpu())  # (b, N-first, ...)
-        lps.append(torch.stack(lp, 1).cpu())
+    with backend.merged():  # the policy's adapter folded into the weights (rollouts take no gradients)
+        if shared_noise:
+            noise_p = (torch.randn((len(prompts), *shape), generator=generator) if noise is None
+                       else noise[::group_size, 0])  # (P, C, H, W)
+            prefix = []
+            for i in range(0, len(prompts), mb):
+                x = noise_p[i:i + mb].to(dev)
+                states, _ = _integrate(vfn(list(prompts[i:i + mb])), x, sig, 0, first, set(), step_fn, noise_level, None)
+                prefix.append(torch.stack([x, *states], 1).cpu())  # (p, first+1, C, H, W)
+            prefix = torch.cat(prefix).repeat_interleave(group_size, 0)  # (B, first+1, ...)
+        else:
+            prefix = (torch.randn((B, *shape), generator=generator) if noise is None
+                      else noise[:, 0])[:, None]  # (B, 1, C, H, W)
+        xs, lps = [], []
+        for i in range(0, B, mb):
+            x = prefix[i:i + mb, -1].to(dev)
+            states, lp = _integrate(vfn(ps[i:i + mb]), x, sig, first, steps, sde_set, step_fn, noise_level, generator,
+                                    None if noise is None else noise[i:i + mb])
+            xs.append(torch.stack(states, 1).cpu())  # (b, N-first, ...)
+            lps.append(torch.stack(lp, 1).cpu())
     xs = torch.cat([prefix, torch.cat(xs)], 1)  # (B, N+1, C, H, W)
     lps = torch.cat([torch.zeros(B, first), torch.cat(lps)], 1)  # (B, N)
     return Rollout(xs, lps, sigmas, ps, ts, gid, float(cfg), float(noise_level), method, int(mb), meta,

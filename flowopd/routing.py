@@ -241,7 +241,7 @@ class TeacherBank:
                 return
             raise KeyError(f"no teacher or adapter {name!r}; have {sorted(self.kind)}")
         if self.kind[name] == "lora":
-            with self.backend.adapter(name):
+            with self.backend.merged(name):  # folded into the weights when no gradients are taken
                 yield
             return
         params = _base_params(self.backend)

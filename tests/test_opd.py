@@ -111,6 +111,8 @@ def test_sampled_log_ratio_is_an_unbiased_kl_estimate_and_pg_follows_the_kl_grad
 
 
 def test_first_pg_ratio_is_one(world):
+    # rollouts run with the student's (non-zero) LoRA folded into the weights, the recomputation through
+    # peft's branches: the two agree to float rounding, far inside any clip range
     base, _ = world
     b = load_checkpoint(base)
     b.add_adapter("student", rank=2, init=False)
@@ -119,7 +121,7 @@ def test_first_pg_ratio_is_one(world):
     tr = transition(b, ro, torch.arange(3), 1)
     loss, _, st = opd_step_loss("pg", tr.mean, tr.log_prob, ro.log_probs[:, 1], tr.sample, tr.mean.detach() + 0.01,
                                 tr.std, -0.3)
-    assert st["ratio_min"] == st["ratio_max"] == 1.0 and st["clip_frac"] == 0
+    assert abs(st["ratio_min"] - 1) < 1e-5 and abs(st["ratio_max"] - 1) < 1e-5 and st["clip_frac"] == 0
 
 
 # ----------------------------------------------------------------------------- the trainer

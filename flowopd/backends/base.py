@@ -58,6 +58,10 @@ class Backend(Protocol):
     def adapter(self, name: str | None) -> ContextManager:
         """A block computed with adapter `name` (None: the base), the previous one restored after."""
 
+    def merged(self, name: str | None = None) -> ContextManager:
+        """A block computed as `adapter(name)` computes (None: as the model computes now), which a
+        back end may run faster with the adapter folded into the weights when no gradients are taken."""
+
     def attach_lora(self, name: str, lora: Lora, rank: int, alpha: float, targets, trainable: bool = True) -> str:
         """Add the LoRA factors `lora` ({module: (A, B)}) as adapter `name` (it becomes active)."""
 

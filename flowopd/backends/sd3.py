@@ -378,6 +378,16 @@ class SD3Backend:
                 self._enabled = False
                 self._sync_grad()
 
+    @contextmanager
+    def merged(self, name: str | None = None):
+        """`adapter(name)` (None: as now). The adapter is not folded into the weights here: added to bf16
+        transformer weights, the part of a LoRA delta below bf16's resolution would round away."""
+        if name is None:
+            yield
+            return
+        with self.adapter(name):
+            yield
+
     def _check(self, name: str):
         if name not in self.adapters:
             raise KeyError(f"no adapter {name!r}; have {self.adapters}")

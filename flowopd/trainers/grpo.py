@@ -334,7 +334,7 @@ def nft_batch(backend, ro: Rollout, adv, cfg: GRPOConfig, guidance: float, gen) 
     eps = torch.randn((B, K, *x0.shape[1:]), generator=gen)
     weights = nft_weights(adv.cpu(), cfg.nft_adv_scale, cfg.nft_negatives)  # (B,)
     v_old = torch.empty_like(eps)
-    with torch.no_grad():
+    with torch.no_grad(), backend.merged():
         for idx in ro.chunks():
             vf = _policy(backend, [ro.prompts[i] for i in idx.tolist()], guidance)
             for k in range(K):
