@@ -527,6 +527,12 @@ def sample_cost(batch: int = 64, reps: int = 5) -> dict:
 
     b.add_adapter("bench", rank=8, init=False)  # random B too: the adapter changes the output
     res["with_lora"] = timings(b)
+
+    def fwd_folded():  # what rollouts do: the adapter folded into the weights (backend.merged)
+        with torch.no_grad(), b.merged():
+            b.velocity(x, sigma, b.encode_prompts(prompts))
+
+    res["with_lora_folded_forward_sec"] = _time(fwd_folded, reps)
     threads = torch.get_num_threads()
 
     def outputs():
@@ -546,15 +552,18 @@ def sample_cost(batch: int = 64, reps: int = 5) -> dict:
     res["one_thread_forward_bitwise_equal"] = bool(torch.equal(v_one, v_all))
     res["one_thread_grads_bitwise_equal"] = all(torch.equal(a, c) for a, c in zip(g_one, g_all))
 
-    shipped = b.model.cfg
-    variants = {"shipped layout": shipped,
-                "no 32x32 cross-attention": TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False}),
-                "channels (16, 64, 96), no 32x32 cross-attention":
-                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "channels": [16, 64, 96]}),
-                "2x2 patches, channels (64, 96)":
-                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "patch": 2, "channels": [64, 96]}),
-                "2x2 patches, channels (48, 96)":
-                    TinyConfig.from_dict({**shipped.to_dict(), "xattn_full": False, "patch": 2, "channels": [48, 96]})}
+    # the shipped layout and its neighbours, named by what they are (the shipped base was once the pixel U-Net)
+    shipped = b.model.cfg.to_dict()
+    pixel = json.loads((ROOT / "experiments" / "checkpoints" / "qcm" / "config.json").read_text())["model"]
+    patch2 = {**pixel, "xattn_full": False, "patch": 2}
+    variants = {f"shipped layout ({'2x2 patches' if shipped.get('patch', 1) == 2 else 'pixels'}, "
+                f"channels {tuple(shipped['channels'])})": TinyConfig.from_dict(shipped),
+                "pixel U-Net (experiments/checkpoints/qcm)": TinyConfig.from_dict(pixel),
+                "pixels, no 32x32 cross-attention": TinyConfig.from_dict({**pixel, "xattn_full": False}),
+                "pixels, channels (16, 64, 96), no 32x32 cross-attention":
+                    TinyConfig.from_dict({**pixel, "xattn_full": False, "channels": [16, 64, 96]}),
+                "2x2 patches, channels (64, 96)": TinyConfig.from_dict({**patch2, "channels": [64, 96]}),
+                "2x2 patches, channels (48, 96)": TinyConfig.from_dict({**patch2, "channels": [48, 96]})}
     res["layouts"] = {}
     for name, cfg in variants.items():
         torch.manual_seed(0)
@@ -711,6 +720,7 @@ def table(d: dict) -> str:
         out.append(f"\nsample cost ({c['batch']} rows, {c['threads']} threads; forward / forward+backward): "
                    + ", ".join(f"{k} {c[k]['forward_sec']:.3f} / {c[k]['forward_backward_sec']:.3f} s"
                                for k in ("shipped", "with_lora", "with_lora_one_thread")))
+        out.append(f"  with the LoRA folded into the weights (rollouts): forward {c['with_lora_folded_forward_sec']:.3f} s")
         out.append("  largest modules: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(c["module_share"].items())[:5]))
         out.append(f"  one thread bit for bit: forward {c['one_thread_forward_bitwise_equal']}, "
                    f"gradients {c['one_thread_grads_bitwise_equal']}")
