@@ -155,10 +155,10 @@ class TinyBackend:
     def merged(self, name: str | None = None):
         """Run a no-grad block with adapter `name` (None: whatever the model computes now, the active
         adapter or, inside `adapter(None)`, none) folded into the base weights and peft's LoRA branches
-        off: the function of `adapter(name)`, to float rounding, without the branches' extra small
-        convolutions (a rollout of the shipped base with a rank-8 LoRA: 7.2 s against 9.3). The base
-        weights are copied back on exit, bit for bit. With gradients on it is `adapter(name)`: folding
-        would put the frozen base weights into the graph."""
+        off: the function of `adapter(name)`, to float rounding, without the cost of the branches' small
+        extra convolutions (docs/experiments.md, thirty-sixth session). The base weights are copied back
+        on exit, bit for bit. With gradients on it is `adapter(name)`: folding would put the frozen base
+        weights into the graph."""
         if self._peft is None or torch.is_grad_enabled():
             with nullcontext() if name is None else self.adapter(name):
                 yield
