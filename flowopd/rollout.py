@@ -6,9 +6,11 @@ classifier-free guidance as configured, and keeps every state and log-prob: a `R
 log-prob of the stored transitions xs[:, j] -> xs[:, j + 1]; the GRPO ratio, the KL to a
 reference and the OPD losses are built from it.
 
-Samples are drawn in chunks of `micro_batch`; `transition` called on the same chunk (and the same
-adapter) repeats the rollout's computation exactly, so before any update the recomputed
-log-prob equals the stored one bit for bit (the first GRPO ratio is exactly 1).
+Samples are drawn in chunks of `micro_batch` with the policy's adapter folded into the weights
+(`backend.merged`); `transition` called on the same chunk (and the same adapter) repeats the
+rollout's computation through the adapter's own layers, so before any update the recomputed
+log-prob equals the stored one to float rounding (the first GRPO ratio is 1 within about 1e-6;
+exactly 1 while the adapter is still zero).
 """
 from __future__ import annotations
 
