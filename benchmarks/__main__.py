@@ -720,7 +720,8 @@ def table(d: dict) -> str:
         out.append(f"\nsample cost ({c['batch']} rows, {c['threads']} threads; forward / forward+backward): "
                    + ", ".join(f"{k} {c[k]['forward_sec']:.3f} / {c[k]['forward_backward_sec']:.3f} s"
                                for k in ("shipped", "with_lora", "with_lora_one_thread")))
-        out.append(f"  with the LoRA folded into the weights (rollouts): forward {c['with_lora_folded_forward_sec']:.3f} s")
+        if "with_lora_folded_forward_sec" in c:  # absent in results written before the fold existed
+            out.append(f"  with the LoRA folded into the weights (rollouts): forward {c['with_lora_folded_forward_sec']:.3f} s")
         out.append("  largest modules: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(c["module_share"].items())[:5]))
         out.append(f"  one thread bit for bit: forward {c['one_thread_forward_bitwise_equal']}, "
                    f"gradients {c['one_thread_grads_bitwise_equal']}")
