@@ -7,6 +7,7 @@ them; its dense delta on the module's weight is scale * B @ A, scale = alpha / r
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -28,6 +29,22 @@ def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
     A, B = A.double(), B.double()
     d = B.flatten(1) @ A.flatten(1)  # (out, in * kh * kw)
     return (scale * d).view(B.shape[0], *A.shape[1:]).float()
+
+
+@contextmanager
+def weights_added(pairs: list[tuple[Tensor, Tensor]]):
+    """A block in which each weight holds weight + delta (pairs of (weight, delta), changed in place,
+    no gradients); every weight is copied back bit for bit on exit, also when the block raises."""
+    saved = [(w, w.detach().clone()) for w, _ in pairs]
+    try:
+        with torch.no_grad():
+            for w, d in pairs:
+                w.add_(d.to(w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for w, w0 in saved:
+                w.copy_(w0)
 
 
 def lora_deltas(lora: Lora, scale: float) -> dict[str, Tensor]:

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .lora import weights_added
 from .rollout import transition
 
 ROUTING_MODES = ("task", "reward", "soft")
@@ -245,18 +246,8 @@ class TeacherBank:
                 yield
             return
         params = _base_params(self.backend)
-        deltas = self._dense[name]
-        saved = {k: params[k].detach().clone() for k in deltas}
-        with self.backend.adapter(None):
-            with torch.no_grad():
-                for k, d in deltas.items():
-                    params[k].copy_(saved[k] + d)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for k in deltas:
-                        params[k].copy_(saved[k])
+        with self.backend.adapter(None), weights_added([(params[k], d) for k, d in self._dense[name].items()]):
+            yield
 
     @torch.no_grad()
     def means(self, ro, idx: Tensor, step: int, W: Tensor, names: Sequence[str]) -> Tensor:

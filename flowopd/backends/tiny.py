@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
 from ..errors import CheckpointError
-from ..lora import Lora, lora_from_state_dict, lora_deltas, lora_to_state_dict
+from ..lora import Lora, lora_from_state_dict, lora_deltas, lora_to_state_dict, weights_added
 from ..world.render import to_uint8
 from .tiny_model import TinyConfig, TinyUNet, Tokenizer
 
@@ -163,24 +163,16 @@ class TinyBackend:
             with nullcontext() if name is None else self.adapter(name):
                 yield
             return
-        if name is None:
-            name = self._peft.active_adapter
-            if any(m.disable_adapters for m in self._lora_layers(name)):  # inside adapter(None): the bare base
-                yield
-                return
-        elif name not in self.adapters:
+        if name is not None and name not in self.adapters:
             raise KeyError(f"no adapter {name!r}; have {self.adapters}")
-        saved = []
-        try:
-            for m in self._lora_layers(name):
-                w = m.get_base_layer().weight
-                saved.append((w, w.detach().clone()))
-                w.add_(m.get_delta_weight(name).to(w.dtype))
-            with self.adapter(None):
-                yield
-        finally:
-            for w, w0 in saved:
-                w.copy_(w0)
+        now = name is None
+        name = name or self._peft.active_adapter
+        layers = self._lora_layers(name)
+        if now and any(m.disable_adapters for m in layers):  # inside adapter(None): the bare base
+            yield
+            return
+        with weights_added([(m.get_base_layer().weight, m.get_delta_weight(name)) for m in layers]), self.adapter(None):
+            yield
 
     @property
     def active_adapter(self) -> str | None:
