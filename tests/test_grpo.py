@@ -196,7 +196,8 @@ def test_mix_batches_and_main_entry(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("bad,match", [("lr=0", "lr"), ("group_size=1", "group_size"), ("steps=0", "steps"),
                                        ("tasks=[ocr]", "unknown task"), ("clip_rnge=0.1", "did you mean .clip_range"),
-                                       ("finetune=full", "kl_beta"), ("categories=[triangles]", "unknown category")])
+                                       ("finetune=full", "kl_beta"), ("categories=[triangles]", "unknown category"),
+                                       ("lr_final=1.5", "lr_final")])
 def test_config_validation(bad, match):
     overrides = [bad] + (["kl_beta=0.1"] if bad.startswith("finetune") else [])
     with pytest.raises(ConfigError, match=match):
@@ -281,6 +282,23 @@ def test_nft_objective_trains_the_adapter_only(tiny_ckpt, tmp_path):
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0: every B moved
     before, after = load_checkpoint(tiny_ckpt).model.state_dict(), load_checkpoint(final).model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lr_final_is_a_cosine_from_lr_to_its_share():
+    from flowopd.trainers.grpo import lr_factor
+
+    assert [lr_factor(s, 5, 1.0) for s in range(1, 6)] == [1.0] * 5
+    got = [lr_factor(s, 5, 0.1) for s in range(1, 6)]
+    assert got[0] == pytest.approx(1.0) and got[2] == pytest.approx(0.55) and got[4] == pytest.approx(0.1)
+    assert got == sorted(got, reverse=True)
+    assert lr_factor(1, 1, 0.1) == 1.0
+
+
+def test_lr_final_sets_each_iterations_learning_rate(tiny_ckpt, tmp_path):
+    cfg = _cfg(tiny_ckpt, objective="nft", sampler="ode", steps=3, lr=1e-3, lr_final=0.1)
+    train_grpo(cfg, tmp_path / "cos")
+    log = [json.loads(line) for line in (tmp_path / "cos" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3, 5.5e-4, 1e-4])
 
 
 def test_nft_with_equal_rewards_changes_nothing(tiny_ckpt, tmp_path):

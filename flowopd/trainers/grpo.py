@@ -50,6 +50,7 @@ writes logs and checkpoints. Batch keys (prompts_per_step, grad_accum) are globa
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -142,6 +143,8 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
     kl_beta: float = 0.0             # weight of the KL to the reference (base, adapter off)
     kl_normalization: str = "exact"  # "exact" or "flow_grpo" (see flow.step_kl)
     lr: float = 3e-3
+    lr_final: float = 1.0            # the learning rate falls along a cosine from lr (iteration 1) to lr * this
+                                     # (the last iteration); 1: constant
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
@@ -212,6 +215,7 @@ class GRPOConfig(ModelKeys):  # + backend, model, prompts, precision, noise, eva
         require(not (self.kl_beta > 0 and self.finetune == "full"),
                 "kl_beta > 0 needs finetune=lora: the reference is the base with the adapter switched off")
         require(self.lr > 0, "lr must be > 0")
+        require(0 <= self.lr_final <= 1, "lr_final must be in [0, 1] (a fraction of lr; 1: constant)")
         require(self.weight_decay >= 0, "weight_decay must be >= 0")
         require(0 < self.adam_beta2 < 1, "adam_beta2 must be in (0, 1)")
         require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
@@ -448,6 +452,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     step = r.start
     for step in bar:
         t_step = time.time()
+        set_lr(r.opt, cfg.lr * lr_factor(step, cfg.steps, cfg.lr_final))
         # 1. rollout: P prompts x G trajectories from the current policy, no gradients; with several
         #    processes every one draws the same P prompts and rolls out its groups (mine)
         counts = schedule_counts(cfg.task_schedule, r.counts, cfg.tasks, cfg.task_shares, step)
@@ -472,7 +477,7 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
         rec = grpo_record(r, upd, rewards, groups, adv_all, dist.gather_list(ro.tasks))
-        rec.update({"sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
+        rec.update({"lr": r.opt.param_groups[0]["lr"], "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
                     "min": round((time.time() - r.t0) / 60, 2)})
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
         if end_step(step, rec, cfg, r.t0, dist, r.evaluate, r.logger, r.save, r.run, bar):  # eval, log, save
@@ -482,6 +487,18 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
     if cfg.tail_average > 1 and dist.is_main:
         return tail_average(cfg, r.out, final, step)
     return final
+
+
+def lr_factor(step: int, steps: int, final: float) -> float:
+    """The cosine schedule's share of lr at iteration `step` of 1..steps: 1 at the first, `final` at the last."""
+    if final == 1.0 or steps == 1:
+        return 1.0
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / (steps - 1)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 def _saved_by(ckpt: Path, step: int, ident: dict) -> bool:
