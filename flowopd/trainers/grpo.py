@@ -477,8 +477,8 @@ def train_grpo(cfg: GRPOConfig, out: str | Path, overwrite: bool = False, resume
 
         # 5. log, checkpoint (rank 0 writes; stats of every process)
         rec = grpo_record(r, upd, rewards, groups, adv_all, dist.gather_list(ro.tasks))
-        rec.update({"lr": r.opt.param_groups[0]["lr"], "sec_rollout": round(t_roll, 2), "sec_step": round(time.time() - t_step, 2),
-                    "min": round((time.time() - r.t0) / 60, 2)})
+        rec.update({"lr": r.opt.param_groups[0]["lr"], "sec_rollout": round(t_roll, 2),
+                    "sec_step": round(time.time() - t_step, 2), "min": round((time.time() - r.t0) / 60, 2)})
         bar.set_postfix(r=f"{rec['reward']:.3f}", **({"clip": f"{rec['clip_frac']:.2f}"} if "clip_frac" in rec else {}))
         if end_step(step, rec, cfg, r.t0, dist, r.evaluate, r.logger, r.save, r.run, bar):  # eval, log, save
             break
