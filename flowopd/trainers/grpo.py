@@ -16,7 +16,8 @@ The loop, top to bottom (each iteration of `train_grpo`):
   4. update: for a random subset of the steps (timestep_fraction), recompute each transition's
      log-prob under the current policy and minimise the clipped-ratio loss
      mean(max(-A r, -A clip(r, 1-e, 1+e))) (+ kl_beta * KL to the reference = the base with the
-     adapter switched off); gradient accumulation over micro-batches; optional EMA;
+     adapter switched off); gradient accumulation over micro-batches; optional EMA; the learning
+     rate constant, or on a cosine from lr to lr * lr_final over the run;
   5. log (JSONL always, tensorboard when installed; tqdm bar), checkpoint.
 
 Objectives (`objective`). "grpo" (default) is phase 4 above, Flow-GRPO's. "nft" keeps phases 1-3
