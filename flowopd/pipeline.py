@@ -94,8 +94,8 @@ OPD_STAGES = (("opd-merge", "toy_opd_merge.yaml", "coldstart-merge", []),
 
 # Relative cost of each stage, for the remaining-time estimate: the full preset's minutes on a 2-core CPU
 # (a teacher's per run; the longest prefix names the stage)
-WEIGHTS = {"base": 0.05, "teacher-compose": 13.8, "teacher-text": 5.3, "teacher-quality": 1.9, "teacher": 4.5,
-           "grpo": 11.4, "coldstart-merge": 0.1, "coldstart-sft": 0.6, "opd": 3.0, "eval": 0.45, "report": 0.3}
+WEIGHTS = {"base": 0.05, "teacher-compose": 12.9, "teacher-text": 5.1, "teacher-quality": 1.8, "teacher": 4.5,
+           "grpo": 10.1, "coldstart-merge": 0.1, "coldstart-sft": 0.5, "opd": 2.9, "eval": 0.42, "report": 0.3}
 
 
 def _weight(name: str, runs: int = 1) -> float:
