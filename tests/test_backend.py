@@ -125,13 +125,13 @@ def test_named_adapters_share_one_base(tiny_backend):
 
 def test_merged_adapter_computes_as_the_adapter_and_restores_the_base_bit_for_bit(tiny_backend):
     x, s = torch.randn(3, 3, 32, 32), torch.tensor([0.2, 0.5, 0.9])
-    tiny_backend.add_adapter("a", rank=4)
+    tiny_backend.add_adapter("extra", rank=4)
     tiny_backend.add_adapter("b", rank=2)
     with torch.no_grad():
         for name, p in tiny_backend.net.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    tiny_backend.set_adapter("a")
+    tiny_backend.set_adapter("extra")
     weights = {k: v.clone() for k, v in tiny_backend.net.state_dict().items()}
 
     def v():
@@ -143,7 +143,7 @@ def test_merged_adapter_computes_as_the_adapter_and_restores_the_base_bit_for_bi
             v_b = v()
         with tiny_backend.adapter(None):
             v_0 = v()
-        with tiny_backend.merged():  # the active adapter, a
+        with tiny_backend.merged():  # the active adapter, extra
             m_a = v()
         with tiny_backend.merged("b"):
             m_b = v()
@@ -155,7 +155,7 @@ def test_merged_adapter_computes_as_the_adapter_and_restores_the_base_bit_for_bi
     assert not torch.allclose(v_a, v_0, atol=1e-3) and not torch.allclose(v_b, v_0, atol=1e-3)
     for got, want in ((m_a, v_a), (m_b, v_b), (m_0, v_0)):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    assert tiny_backend.active_adapter == "a"
+    assert tiny_backend.active_adapter == "extra"
     assert all(torch.equal(weights[k], t) for k, t in tiny_backend.net.state_dict().items())
     with torch.no_grad():
         assert torch.equal(v(), v_a)
@@ -163,7 +163,7 @@ def test_merged_adapter_computes_as_the_adapter_and_restores_the_base_bit_for_bi
     with tiny_backend.merged():
         v().square().mean().backward()
     grads = {n: p.grad for n, p in tiny_backend.net.named_parameters() if p.grad is not None}
-    assert grads and all("lora_" in n and ".a." in n for n in grads)
+    assert grads and all("lora_" in n and ".extra." in n for n in grads)
 
 
 def test_role_embedding_tells_the_two_objects_apart_and_round_trips(tmp_path):
