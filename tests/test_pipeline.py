@@ -123,7 +123,8 @@ ADDED_SINCE = {"high_noise_routes": {}, "high_noise_sigma": 0.6, "lr_final": 1.0
                                                ("pipeline_full_s36", "experiments/configs/run_s36.yaml"),  # constant teacher lr
                                                ("pipeline_full_s35", "experiments/configs/run_s36.yaml"),  # ... before rollouts folded the LoRA
                                                ("pipeline_qcm_full", "experiments/configs/run_qcm_full.yaml"),
-                                               ("pipeline_budget30", "experiments/configs/run_budget30.yaml")])
+                                               ("pipeline_budget30", "experiments/configs/run_budget30.yaml"),
+                                               ("pipeline_full_2seeds", "experiments/configs/run_2seeds.yaml")])
 def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, run_config):
     """README's table (pipeline_full: the packaged configs, `flowopd run --preset full`) and the
     earlier tables (their run configs) keep each GRPO and OPD stage's config.yaml as the run wrote it,
@@ -145,7 +146,9 @@ def test_the_published_tables_stage_configs_are_what_the_pipeline_runs(table, ru
     p = Pipeline(Path("OUT"), "full", rc)
     # the trainers fill the back end's sampling defaults in before they write config.yaml
     base = load_checkpoint(rc.base or "base")
-    assert sorted(p.trainer_configs()) == sorted(f.stem for f in d.glob("*.yaml"))
+    # a teacher of several runs keeps one config per run: configs/teacher-TASK/seedI.yaml
+    kept = sorted(f.relative_to(d).with_suffix("").as_posix() for f in d.rglob("*.yaml"))
+    assert sorted(p.trainer_configs()) == kept
     for stage in p.trainer_configs():
         want = yaml.safe_load((d / f"{stage}.yaml").read_text())
         got = to_dict(resolve_backend_keys(p.trainer_config(stage), base))
