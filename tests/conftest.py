@@ -11,12 +11,18 @@ from flowopd.backends.tiny_model import TinyConfig, TinyUNet
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def run_experiment_script(monkeypatch, name, *args):
-    """Run experiments/<name>.py's main() with these command-line arguments, as when run from there."""
+def load_experiment(monkeypatch, name):
+    """experiments/<name>.py as a module, importable as when run from there."""
     monkeypatch.syspath_prepend(str(EXPERIMENTS))  # scripts import their neighbours (ema_share.py)
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def run_experiment_script(monkeypatch, name, *args):
+    """Run experiments/<name>.py's main() with these command-line arguments, as when run from there."""
+    mod = load_experiment(monkeypatch, name)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, args)])
     mod.main()
 

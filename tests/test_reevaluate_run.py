@@ -1,23 +1,15 @@
 """experiments/reevaluate_run.py: a run's models evaluated again reproduce its results.json, and a
 number that does not is named."""
-import importlib.util
 import json
 import shutil
 
-from conftest import EXPERIMENTS, perturbed_tiny_checkpoint
+from conftest import load_experiment, perturbed_tiny_checkpoint
 
 from flowopd.backends import load_checkpoint
 from flowopd.evaluate import evaluate
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("reevaluate_run", EXPERIMENTS / "reevaluate_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_reevaluation_reproduces_a_run_and_names_what_differs(tmp_path, capsys):
+def test_reevaluation_reproduces_a_run_and_names_what_differs(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     ckpt = perturbed_tiny_checkpoint(tmp_path / "ckpt")
     shutil.copytree(ckpt, run / "checkpoints" / "base")
@@ -27,7 +19,7 @@ def test_reevaluation_reproduces_a_run_and_names_what_differs(tmp_path, capsys):
     old["se"] = {k: v for k, v in metrics["se"].items() if not k.startswith("text_len")}
     (run / "results.json").write_text(json.dumps({"models": {"base": old}, "eval": e}))
 
-    script = _script()
+    script = load_experiment(monkeypatch, "reevaluate_run")
     out = tmp_path / "re.json"
     assert script.main([str(run), "--out", str(out)]) == 0
     again = json.loads(out.read_text())["base"]

@@ -1,19 +1,14 @@
 """experiments/text_by_position.py: per-position OCR hits, the strings it reads, and a record per run."""
-import importlib.util
 import json
 
 from flowopd.world.prompts import text_is_heldout
 from flowopd.world.render import render
 
-from conftest import EXPERIMENTS, perturbed_tiny_checkpoint, run_experiment_script
+from conftest import load_experiment, perturbed_tiny_checkpoint, run_experiment_script
 
 
 def module(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # it imports text_by_length.py beside it
-    spec = importlib.util.spec_from_file_location("text_by_position", EXPERIMENTS / "text_by_position.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment(monkeypatch, "text_by_position")  # it imports text_by_length.py beside it
 
 
 def test_position_hits_known_answers(monkeypatch):
